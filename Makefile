@@ -1,0 +1,46 @@
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PIP    := $(BIN)/python -m pip install --quiet --constraint constraints.txt
+
+.PHONY: demo test lint unit install protos crds bench e2e clean
+
+## Install into .venv (once per change of pyproject.toml).
+install: $(STAMP)
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) --upgrade pip
+	$(PIP) torch==2.13.0
+	$(PIP) -e '.[dev]'
+	touch $(STAMP)
+
+## Run the quickstart federation on this machine; results land in results/quickstart.
+demo: $(STAMP)
+	$(BIN)/federator run examples/quickstart.yaml --out results/quickstart
+
+## Lint, type-check and run the whole test suite.
+test: $(STAMP) lint
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+lint: $(STAMP)
+	$(BIN)/ruff check federator tests benchmarks
+	$(BIN)/python -m mypy
+
+## Regenerate the gRPC code and the CRDs (both are committed; tests fail on drift).
+protos: $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -I. \
+	  --python_out=. --grpc_python_out=. --pyi_out=. federator/runtime/proto/federator.proto
+crds: $(STAMP)
+	$(BIN)/federator crds --out crds
+
+## Benchmarks against peers (Flower); writes docs/benchmarks.md.
+bench: $(STAMP)
+	bash benchmarks/run.sh
+
+## End-to-end tests on a real cluster: FEDERATOR_E2E_KUBECONFIG=~/.kube/config make e2e
+e2e: $(STAMP)
+	$(BIN)/python -m pytest -q tests/e2e
+
+clean:
+	rm -rf $(VENV) results .pytest_cache .mypy_cache .ruff_cache

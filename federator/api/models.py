@@ -1,0 +1,414 @@
+"""The Federator API: one source of truth for the CRDs, the operator, the runtime and `federator validate`.
+
+Every model forbids unknown fields, so a typo in a manifest is an error that names the field instead of
+a setting that is silently ignored. Field names are the manifest's camelCase names.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+GROUP = "federator.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+BUILTIN_MODELS = ("mlp", "cnn", "lenet5")
+CUSTOM_MODEL_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*$"
+MODEL_NAME_PATTERN = r"^(mlp|cnn|lenet5|[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*)$"
+DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti)?$"
+
+
+class Strict(BaseModel):
+    """Base for every spec model: unknown fields are errors, names are used as given."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
+
+
+# --------------------------------------------------------------------------------------------- model
+
+
+class ModelSpec(Strict):
+    """Which network to train."""
+
+    name: Annotated[
+        str,
+        Field(
+            pattern=MODEL_NAME_PATTERN,
+            description="Built-in model (mlp, cnn, lenet5) or `module:factory` importable in the runtime image.",
+        ),
+    ] = "mlp"
+    hiddenSizes: Annotated[
+        list[Annotated[int, Field(ge=1, le=65536)]],
+        Field(max_length=16, description="mlp: widths of the hidden layers."),
+    ] = [64]
+    channels: Annotated[
+        list[Annotated[int, Field(ge=1, le=4096)]],
+        Field(max_length=8, description="cnn: output channels of each convolution block."),
+    ] = [16, 32]
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0, description="Dropout before the last layer.")] = 0.0
+    args: Annotated[
+        dict[str, Any],
+        Field(description="Keyword arguments passed to a custom `module:factory` model."),
+    ] = {}
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+class PartitionSpec(Strict):
+    """How the training data is split among simulated clients."""
+
+    scheme: Annotated[
+        Literal["iid", "dirichlet", "shards"],
+        Field(description="iid: uniform split; dirichlet: label skew with `alpha`; shards: sorted shards."),
+    ] = "iid"
+    alpha: Annotated[
+        float, Field(gt=0.0, le=1000.0, description="Dirichlet concentration; smaller is more skewed.")
+    ] = 0.5
+    shardsPerClient: Annotated[int, Field(ge=1, le=100, description="shards: shards given to each client.")] = 2
+
+
+class SyntheticSpec(Strict):
+    """Shape of the generated `synthetic` classification data set."""
+
+    samples: Annotated[int, Field(ge=10, le=10_000_000)] = 2000
+    features: Annotated[int, Field(ge=1, le=100_000)] = 20
+    classes: Annotated[int, Field(ge=2, le=1000)] = 4
+
+
+class DataSpec(Strict):
+    """Training and evaluation data."""
+
+    dataset: Annotated[
+        Literal["digits", "synthetic", "npz", "csv", "imagefolder"],
+        Field(description="digits and synthetic are built in; npz, csv and imagefolder read `path`."),
+    ] = "digits"
+    path: Annotated[
+        str | None, Field(min_length=1, description="File or folder for npz, csv and imagefolder data sets.")
+    ] = None
+    labelColumn: Annotated[str, Field(min_length=1, description="csv: the label column's header.")] = "label"
+    imageSize: Annotated[int, Field(ge=4, le=1024, description="imagefolder: images are resized to this.")] = 28
+    grayscale: Annotated[bool, Field(description="imagefolder: convert images to one channel.")] = True
+    synthetic: SyntheticSpec = SyntheticSpec()
+    partition: PartitionSpec = PartitionSpec()
+    testFraction: Annotated[
+        float, Field(gt=0.0, lt=1.0, description="Share of the data held out for central evaluation.")
+    ] = 0.2
+    seed: Annotated[int, Field(ge=0, le=2**31 - 1, description="Seed for splits, sampling and init.")] = 0
+
+    @model_validator(mode="after")
+    def _path_for_file_datasets(self) -> DataSpec:
+        if self.dataset in ("npz", "csv", "imagefolder") and not self.path:
+            raise ValueError(f"path is required when dataset is {self.dataset!r}: set data.path to the file")
+        return self
+
+
+# ------------------------------------------------------------------------------------------ training
+
+
+class TrainingSpec(Strict):
+    """Local training on each client."""
+
+    localEpochs: Annotated[int, Field(ge=1, le=1000)] = 1
+    batchSize: Annotated[int, Field(ge=1, le=65536)] = 32
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    learningRate: Annotated[float, Field(gt=0.0, le=10.0)] = 0.05
+    momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    weightDecay: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+    proximalMu: Annotated[
+        float, Field(ge=0.0, le=100.0, description="FedProx: weight of the proximal term (0 = FedAvg).")
+    ] = 0.0
+
+
+# ------------------------------------------------------------------------------------------- clients
+
+
+class ResourceList(Strict):
+    cpu: Annotated[str | None, Field(pattern=QUANTITY_PATTERN)] = None
+    memory: Annotated[str | None, Field(pattern=QUANTITY_PATTERN)] = None
+
+
+class Resources(Strict):
+    requests: ResourceList = ResourceList()
+    limits: ResourceList = ResourceList()
+
+
+class PodTemplate(Strict):
+    """The container that runs a server or client pod."""
+
+    image: Annotated[str, Field(min_length=1)] = "ghcr.io/federator/runtime:0.1.0"
+    imagePullPolicy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    resources: Resources = Resources()
+    env: Annotated[dict[str, str], Field(description="Extra environment variables.")] = {}
+
+
+class AutoscalingSpec(Strict):
+    """HPA for the client worker pool, on the server's pending-task count."""
+
+    enabled: bool = False
+    minReplicas: Annotated[int, Field(ge=1, le=10000)] = 1
+    maxReplicas: Annotated[int, Field(ge=1, le=10000)] = 10
+    metric: Annotated[str, Field(min_length=1)] = "federator_pending_tasks"
+    targetAverageValue: Annotated[
+        float, Field(gt=0.0, description="Pending tasks per worker pod the HPA aims for.")
+    ] = 2.0
+
+    @model_validator(mode="after")
+    def _min_le_max(self) -> AutoscalingSpec:
+        if self.minReplicas > self.maxReplicas:
+            raise ValueError(
+                f"minReplicas ({self.minReplicas}) must be <= maxReplicas ({self.maxReplicas})"
+            )
+        return self
+
+
+class ClientsSpec(Strict):
+    """Simulated clients (data partitions) and the worker pool that trains them."""
+
+    count: Annotated[
+        int, Field(ge=1, le=100_000, description="Number of simulated clients (data partitions).")
+    ] = 10
+    perRound: Annotated[
+        int | None, Field(ge=1, le=100_000, description="Clients sampled each round (default: count).")
+    ] = None
+    minPerRound: Annotated[
+        int | None,
+        Field(ge=1, le=100_000, description="Updates needed to close a round at its timeout (default: perRound)."),
+    ] = None
+    roundTimeoutSeconds: Annotated[float, Field(gt=0.0, le=86400.0)] = 120.0
+    maxRoundRetries: Annotated[
+        int, Field(ge=0, le=100, description="Retries of a round that got fewer than minPerRound updates.")
+    ] = 3
+    workers: Annotated[
+        int, Field(ge=1, le=10000, description="Worker processes (pods) that train the simulated clients.")
+    ] = 2
+    template: PodTemplate = PodTemplate()
+    autoscaling: AutoscalingSpec = AutoscalingSpec()
+
+    @property
+    def per_round(self) -> int:
+        return self.perRound if self.perRound is not None else self.count
+
+    @property
+    def min_per_round(self) -> int:
+        return self.minPerRound if self.minPerRound is not None else self.per_round
+
+    @model_validator(mode="after")
+    def _round_sizes(self) -> ClientsSpec:
+        if self.per_round > self.count:
+            raise ValueError(f"perRound ({self.per_round}) must be <= count ({self.count})")
+        if self.min_per_round > self.per_round:
+            raise ValueError(f"minPerRound ({self.min_per_round}) must be <= perRound ({self.per_round})")
+        return self
+
+
+# --------------------------------------------------------------------------------------- aggregation
+
+
+class ServerOptimizerSpec(Strict):
+    """Optimizer applied by the server to the aggregated update (FedOpt)."""
+
+    name: Annotated[
+        Literal["sgd", "adam", "yogi", "adagrad"],
+        Field(description="sgd with learningRate 1 is plain FedAvg; adam is FedAdam, yogi is FedYogi."),
+    ] = "sgd"
+    learningRate: Annotated[float, Field(gt=0.0, le=100.0)] = 1.0
+    momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    beta1: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9
+    beta2: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.99
+    tau: Annotated[float, Field(gt=0.0, le=1.0, description="Adaptivity (epsilon) of adam, yogi, adagrad.")] = 1e-3
+
+
+class AggregationSpec(Strict):
+    """How client updates become the next global model."""
+
+    rule: Annotated[
+        Literal["fedavg"],
+        Field(description="Aggregation rule. fedavg weights updates by sample count."),
+    ] = "fedavg"
+    serverOptimizer: ServerOptimizerSpec = ServerOptimizerSpec()
+
+
+# -------------------------------------------------------------------------------------------- server
+
+
+class CheckpointSpec(Strict):
+    """Where the server keeps its checkpoint; in a cluster, a PersistentVolumeClaim."""
+
+    enabled: bool = True
+    size: Annotated[str, Field(pattern=QUANTITY_PATTERN)] = "1Gi"
+    storageClassName: str | None = None
+
+
+class ServerSpec(Strict):
+    template: PodTemplate = PodTemplate()
+    port: Annotated[int, Field(ge=1024, le=65535, description="gRPC port.")] = 50051
+    metricsPort: Annotated[int, Field(ge=1024, le=65535, description="HTTP /metrics, /status, /healthz.")] = 8080
+    serviceType: Literal["ClusterIP", "NodePort", "LoadBalancer"] = "ClusterIP"
+    checkpoint: CheckpointSpec = CheckpointSpec()
+    maxMessageMiB: Annotated[
+        int, Field(ge=1, le=2047, description="Largest gRPC message accepted; updates stream in chunks.")
+    ] = 8
+
+    @model_validator(mode="after")
+    def _ports_differ(self) -> ServerSpec:
+        if self.port == self.metricsPort:
+            raise ValueError(f"port and metricsPort must differ (both are {self.port})")
+        return self
+
+
+class MonitoringSpec(Strict):
+    serviceMonitor: Annotated[bool, Field(description="Create a ServiceMonitor when its CRD exists.")] = True
+    scrapeInterval: Annotated[str, Field(pattern=r"^[0-9]+(ms|s|m|h)$")] = "15s"
+
+
+# ---------------------------------------------------------------------------------------- federation
+
+
+class FederationSpec(Strict):
+    """Desired state of a federated learning run."""
+
+    rounds: Annotated[int, Field(ge=1, le=100_000, description="Number of federated rounds.")]
+    model: ModelSpec = ModelSpec()
+    data: DataSpec = DataSpec()
+    training: TrainingSpec = TrainingSpec()
+    clients: ClientsSpec = ClientsSpec()
+    aggregation: AggregationSpec = AggregationSpec()
+    server: ServerSpec = ServerSpec()
+    monitoring: MonitoringSpec = MonitoringSpec()
+
+
+Phase = Literal["Pending", "Running", "Succeeded", "Failed"]
+ConditionType = Literal["Ready", "Progressing", "Degraded"]
+
+
+class Condition(BaseModel):
+    """A Kubernetes-style condition."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: str
+    status: Literal["True", "False", "Unknown"]
+    reason: str
+    message: str = ""
+    lastTransitionTime: str | None = None
+    observedGeneration: int | None = None
+
+
+class ClientCounts(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    ready: int = 0
+    participants: int = 0
+
+
+class FederationStatus(BaseModel):
+    """Observed state, written by the operator to the /status subresource."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    phase: Phase = "Pending"
+    round: int = 0
+    rounds: int | None = None
+    accuracy: float | None = None
+    loss: float | None = None
+    epsilon: float | None = None
+    clients: ClientCounts = ClientCounts()
+    byzantineFlagged: int = 0
+    compressionRatio: float | None = None
+    observedGeneration: int | None = None
+    conditions: list[Condition] = []
+
+
+class ObjectMeta(BaseModel):
+    """The part of metadata that Federator reads; everything else is kept as given."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: Annotated[str, Field(min_length=1, max_length=63, pattern=DNS_LABEL_PATTERN)]
+    namespace: Annotated[str, Field(min_length=1, max_length=63, pattern=DNS_LABEL_PATTERN)] = "default"
+    labels: dict[str, str] = {}
+    annotations: dict[str, str] = {}
+
+
+class Federation(BaseModel):
+    """A whole Federation manifest (apiVersion, kind, metadata, spec)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    apiVersion: Literal["federator.dev/v1alpha1"]
+    kind: Literal["Federation"]
+    metadata: ObjectMeta
+    spec: FederationSpec
+    status: FederationStatus | None = None
+
+
+# ----------------------------------------------------------------------------------- federated client
+
+
+class VolumeSource(Strict):
+    """Where a silo's data lives: an existing PersistentVolumeClaim or a host path."""
+
+    persistentVolumeClaim: Annotated[str | None, Field(pattern=DNS_LABEL_PATTERN)] = None
+    hostPath: str | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> VolumeSource:
+        if (self.persistentVolumeClaim is None) == (self.hostPath is None):
+            raise ValueError("set exactly one of persistentVolumeClaim or hostPath")
+        return self
+
+
+class SiloDataSpec(Strict):
+    """A silo's own data: a volume mounted at /data and a file in it."""
+
+    volume: VolumeSource
+    format: Literal["npz", "csv", "imagefolder"] = "npz"
+    path: Annotated[str, Field(min_length=1, description="Path inside the volume, e.g. train.npz.")] = "data.npz"
+    labelColumn: str = "label"
+
+
+class FederationRef(Strict):
+    name: Annotated[str, Field(min_length=1, max_length=63, pattern=DNS_LABEL_PATTERN)]
+
+
+class FederatedClientSpec(Strict):
+    """An organisation's own client: one identity with its own data."""
+
+    federationRef: FederationRef
+    replicas: Annotated[
+        int, Field(ge=0, le=100, description="Pods serving this silo's tasks (one identity); 0 pauses it.")
+    ] = 1
+    data: SiloDataSpec
+    template: PodTemplate = PodTemplate()
+
+
+class FederatedClientStatus(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    replicas: int = 0
+    selector: str = ""
+    joined: bool = False
+    roundsParticipated: int = 0
+    lastUpdateTime: str | None = None
+    flagged: bool = False
+    observedGeneration: int | None = None
+    conditions: list[Condition] = []
+
+
+class FederatedClient(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    apiVersion: Literal["federator.dev/v1alpha1"]
+    kind: Literal["FederatedClient"]
+    metadata: ObjectMeta
+    spec: FederatedClientSpec
+    status: FederatedClientStatus | None = None
+
+
+def is_custom_model(name: str) -> bool:
+    return re.match(CUSTOM_MODEL_PATTERN, name) is not None
