@@ -21,15 +21,19 @@ COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="federator", description="Federated learning on Kubernetes and on your laptop.")
+    parser = argparse.ArgumentParser(
+        prog="federator", description="Federated learning on Kubernetes and on your laptop."
+    )
     parser.add_argument("--version", action="version", version=f"federator {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="run a Federation manifest on this machine (no cluster needed)")
     run.add_argument("manifest", help="YAML file with one Federation")
     run.add_argument("--out", default=None, help="results folder (default: results/<name>)")
-    run.add_argument("--workers", type=int, default=None, help="client worker processes (default: spec.clients.workers)")
-    run.add_argument("--resume", action="store_true", help="resume from the checkpoint in --out instead of starting over")
+    run.add_argument("--workers", type=int, default=None,
+                     help="client worker processes (default: spec.clients.workers)")
+    run.add_argument("--resume", action="store_true",
+                     help="resume from the checkpoint in --out instead of starting over")
     run.add_argument("--quiet", action="store_true", help="no progress bar; one line per round")
 
     val = sub.add_parser("validate", help="check manifests offline; exit 2 and one line per problem if invalid")

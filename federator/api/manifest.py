@@ -8,6 +8,7 @@ from typing import Any
 
 import yaml
 from pydantic import BaseModel, ValidationError
+from pydantic_core import ErrorDetails
 
 from federator.api.models import API_VERSION, FederatedClient, Federation
 
@@ -43,7 +44,7 @@ def _path_of(loc: tuple[int | str, ...]) -> str:
     return out or "(document)"
 
 
-def _allowed(err: dict[str, Any]) -> str:
+def _allowed(err: ErrorDetails) -> str:
     ctx = err.get("ctx") or {}
     kind = err["type"]
     if kind == "literal_error":

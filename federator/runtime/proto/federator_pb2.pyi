@@ -46,16 +46,20 @@ class JoinRequest(_message.Message):
     def __init__(self, token: _Optional[str] = ..., worker_name: _Optional[str] = ..., silo: _Optional[str] = ..., silo_samples: _Optional[int] = ...) -> None: ...
 
 class JoinReply(_message.Message):
-    __slots__ = ("worker_id", "heartbeat_seconds", "federation", "chunk_bytes")
+    __slots__ = ("worker_id", "heartbeat_seconds", "federation", "chunk_bytes", "input_shape", "num_classes")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     FEDERATION_FIELD_NUMBER: _ClassVar[int]
     CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    INPUT_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    NUM_CLASSES_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     heartbeat_seconds: int
     federation: str
     chunk_bytes: int
-    def __init__(self, worker_id: _Optional[str] = ..., heartbeat_seconds: _Optional[int] = ..., federation: _Optional[str] = ..., chunk_bytes: _Optional[int] = ...) -> None: ...
+    input_shape: _containers.RepeatedScalarFieldContainer[int]
+    num_classes: int
+    def __init__(self, worker_id: _Optional[str] = ..., heartbeat_seconds: _Optional[int] = ..., federation: _Optional[str] = ..., chunk_bytes: _Optional[int] = ..., input_shape: _Optional[_Iterable[int]] = ..., num_classes: _Optional[int] = ...) -> None: ...
 
 class TaskRequest(_message.Message):
     __slots__ = ("token", "worker_id", "have_version", "wait_seconds")

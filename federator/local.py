@@ -1,0 +1,235 @@
+"""`federator run`: the same Federation manifest on this machine, with no cluster.
+
+Starts one server process and `clients.workers` worker processes on 127.0.0.1 (real gRPC between real
+processes, as in the cluster), follows the server's /status with a progress bar, and leaves a results
+folder: metrics.json, accuracy.png, loss.png, model.pt and the processes' logs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from federator.api.manifest import ManifestError, load_federation
+from federator.api.models import Federation
+
+STATE = "state"
+
+
+@dataclass
+class LocalRun:
+    """The processes of one local federation and where they write."""
+
+    manifest: Path
+    fed: Federation
+    out: Path
+    workers: int
+    token: str = field(default_factory=lambda: secrets.token_hex(16))
+    server: subprocess.Popen[bytes] | None = None
+    clients: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    grpc_port: int = 0
+    http_port: int = 0
+    launched_at: float = 0.0
+    _logs: list[Any] = field(default_factory=list)
+
+    @property
+    def state_dir(self) -> Path:
+        return self.out / STATE
+
+    def _env(self, **extra: str) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(extra)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        return env
+
+    def _spawn(self, args: list[str], log_name: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
+        log = open(self.out / log_name, "ab")  # noqa: SIM115 (closed in stop())
+        self._logs.append(log)
+        return subprocess.Popen([sys.executable, "-m", "federator", *args], stdout=log, stderr=subprocess.STDOUT,
+                                env=env, start_new_session=True)
+
+    def start_server(self, timeout: float = 120.0) -> None:
+        ready = self.state_dir / "ready"
+        ready.unlink(missing_ok=True)
+        self.server = self._spawn(
+            ["server", "--config", str(self.manifest), "--host", "127.0.0.1",
+             "--port", str(self.grpc_port), "--metrics-port", str(self.http_port),
+             "--state-dir", str(self.state_dir), "--ready-file", str(ready), "--linger-seconds", "3"],
+            "server.log", self._env(FEDERATOR_TOKENS=self.token),
+        )
+        deadline = time.monotonic() + timeout
+        while not ready.exists():
+            if self.server.poll() is not None:
+                raise RuntimeError(f"the server exited with code {self.server.returncode}; see {self.out}/server.log")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the server did not start within {timeout:.0f}s; see {self.out}/server.log")
+            time.sleep(0.05)
+        g, h = ready.read_text().split()
+        self.grpc_port, self.http_port = int(g), int(h)
+
+    def start_clients(self) -> None:
+        threads = max(1, (os.cpu_count() or 1) // max(1, self.workers))
+        for i in range(self.workers):
+            self.clients.append(self._spawn(
+                ["client", "--server", f"127.0.0.1:{self.grpc_port}", "--config", str(self.manifest),
+                 "--name", f"worker-{i}", "--metrics-port", "-1", "--threads", str(threads)],
+                f"worker-{i}.log", self._env(FEDERATOR_TOKEN=self.token),
+            ))
+
+    def status(self) -> dict[str, Any] | None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/status", timeout=2) as resp:
+                doc: dict[str, Any] = json.load(resp)
+                return doc
+        except OSError:
+            return None
+
+    def stop(self, grace: float = 5.0) -> None:
+        procs = [p for p in [self.server, *self.clients] if p is not None and p.poll() is None]
+        for p in procs:
+            _signal(p, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for p in procs:
+            try:
+                p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                _signal(p, signal.SIGKILL)
+                p.wait()
+        for f in self._logs:
+            f.close()
+        self._logs.clear()
+
+
+def _signal(p: subprocess.Popen[bytes], sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(p.pid, sig)
+
+
+def follow(run: LocalRun, quiet: bool) -> dict[str, Any] | None:
+    """Follow the server's /status until it exits; show progress. Returns the last status seen."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = Console(stderr=True)
+    rounds = run.fed.spec.rounds
+    last: dict[str, Any] | None = None
+    shown_round = -1
+    assert run.server is not None
+    with Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("rounds"),
+        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console, disable=quiet, transient=False,
+    ) as progress:
+        task = progress.add_task(run.fed.metadata.name, total=rounds, info="starting")
+        while run.server.poll() is None:
+            st = run.status()
+            if st is not None:
+                last = st
+                info = _info(st)
+                progress.update(task, completed=st["round"], info=info)
+                if quiet and st["round"] != shown_round and st["round"] > 0:
+                    shown_round = st["round"]
+                    print(f"round {st['round']}/{rounds}  {info}", flush=True)
+            time.sleep(0.2)
+        if last is not None and run.server.returncode == 0:
+            progress.update(task, completed=last.get("round", 0))
+    return last
+
+
+def _info(st: dict[str, Any]) -> str:
+    acc, loss = st.get("accuracy"), st.get("loss")
+    parts = [st["phase"].lower()]
+    if acc is not None:
+        parts.append(f"acc {acc:.3f}")
+    if loss is not None:
+        parts.append(f"loss {loss:.3f}")
+    parts.append(f"clients {st['clients']['participants']}/{st['clients']['connected']} workers")
+    return "  ".join(parts)
+
+
+def write_results(run: LocalRun) -> dict[str, Any]:
+    """metrics.json with start-up time, plots, and the final model in the results folder."""
+    doc: dict[str, Any] = json.loads((run.state_dir / "metrics.json").read_text())
+    rounds = doc["rounds"]
+    first_start = rounds[0]["started_at"] if rounds else time.time()
+    for r in rounds:
+        r["elapsed_seconds"] = r["ended_at"] - first_start
+    doc["startup_seconds"] = max(0.0, first_start - run.launched_at)
+    doc["total_seconds"] = time.time() - run.launched_at
+    (run.out / "metrics.json").write_text(json.dumps(doc, indent=2))
+    if (run.state_dir / "model.pt").exists():
+        shutil.copyfile(run.state_dir / "model.pt", run.out / "model.pt")
+    from federator.plots import plot_curves
+
+    plot_curves(rounds, run.out, title=run.fed.metadata.name)
+    return doc
+
+
+def run_local(manifest: Path, out: Path, workers: int | None = None, resume: bool = False,
+              quiet: bool = False) -> int:
+    fed = load_federation(manifest)
+    out.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        shutil.rmtree(out / STATE, ignore_errors=True)
+        for name in ("metrics.json", "accuracy.png", "loss.png", "model.pt", "server.log"):
+            (out / name).unlink(missing_ok=True)
+        for old in out.glob("worker-*.log"):
+            old.unlink()
+    (out / STATE).mkdir(exist_ok=True)
+    run = LocalRun(manifest=manifest, fed=fed, out=out, workers=workers or fed.spec.clients.workers)
+    run.launched_at = time.time()
+    interrupted = False
+    try:
+        run.start_server()
+        run.start_clients()
+        last = follow(run, quiet)
+    except KeyboardInterrupt:
+        interrupted = True
+        last = None
+    except RuntimeError as exc:
+        run.stop()
+        print(f"federation {fed.metadata.name} could not start: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        run.stop()
+    if interrupted:
+        print(f"interrupted; every process stopped. Resume with: federator run {manifest} --out {out} --resume",
+              file=sys.stderr)
+        return 130
+    assert run.server is not None
+    if run.server.returncode != 0:
+        reason = (last or {}).get("message") or f"server exited with code {run.server.returncode}"
+        print(f"federation {fed.metadata.name} failed: {reason}\nlogs: {out}/server.log, {out}/worker-*.log",
+              file=sys.stderr)
+        return 1
+    doc = write_results(run)
+    final = doc["rounds"][-1] if doc["rounds"] else {}
+    print(f"{fed.metadata.name}: {len(doc['rounds'])} rounds, accuracy {final.get('accuracy', float('nan')):.4f}, "
+          f"loss {final.get('loss', float('nan')):.4f}, {doc['total_seconds']:.1f}s; results in {out}/")
+    return 0
+
+
+def main(args: argparse.Namespace) -> int:
+    manifest = Path(args.manifest)
+    try:
+        fed = load_federation(manifest)
+    except FileNotFoundError:
+        print(f"{manifest}: file not found", file=sys.stderr)
+        return 2
+    except ManifestError as exc:
+        for p in exc.problems:
+            print(f"{manifest}: {p}", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else Path("results") / fed.metadata.name
+    return run_local(manifest, out, workers=args.workers, resume=args.resume, quiet=args.quiet)

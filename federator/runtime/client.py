@@ -1,0 +1,266 @@
+"""A client worker: joins the server, pulls training tasks, trains locally with PyTorch, streams updates back.
+
+A worker of simulated clients trains whichever partition its task names (one task at a time); a silo
+client (`--silo NAME --data PATH`) trains only its own data. Both survive a server restart: every RPC
+failure leads back to joining again, with exponential backoff.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import socket
+import threading
+import time
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import grpc
+import torch
+
+from federator.api.models import Federation
+from federator.runtime.config import load_federation_config, read_tokens
+from federator.runtime.data import ArrayDataset, FederatedData, load_silo_data, prepare_data
+from federator.runtime.httpserver import StatusHTTPServer
+from federator.runtime.metrics import ClientMetrics
+from federator.runtime.models import build_model
+from federator.runtime.proto import federator_pb2 as pb
+from federator.runtime.proto import federator_pb2_grpc as pb_grpc
+from federator.runtime.training import Params, get_params, set_params, train_local
+from federator.runtime.transport import BlobAssembler, encode, layout_from_specs
+
+log = logging.getLogger("federator.client")
+
+MiB = 1 << 20
+
+
+class Rejoin(Exception):
+    """The server no longer knows this worker (it restarted, or dropped us): join again."""
+
+
+@dataclass
+class Joined:
+    worker_id: str
+    heartbeat_seconds: float
+    chunk_bytes: int
+    input_shape: tuple[int, ...]
+    num_classes: int
+
+
+def grpc_channel_options(max_message_mib: int) -> list[tuple[str, int]]:
+    size = max_message_mib * MiB
+    return [("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size),
+            ("grpc.keepalive_time_ms", 30_000), ("grpc.enable_retries", 0)]
+
+
+class Worker:
+    """Serves training tasks until the server says the federation is over."""
+
+    def __init__(self, fed: Federation, server: str, token: str, name: str | None = None,
+                 silo: str | None = None, silo_data: ArrayDataset | None = None,
+                 metrics: ClientMetrics | None = None, reconnect_seconds: float = 600.0) -> None:
+        self.fed = fed
+        self.spec = fed.spec
+        self.server = server
+        self.token = token
+        self.name = name or f"{socket.gethostname()}-{os.getpid()}"
+        self.silo = silo
+        self.silo_data = silo_data
+        self.metrics = metrics or ClientMetrics.create()
+        self.reconnect_seconds = reconnect_seconds
+        self._data: FederatedData | None = None
+        self._model: torch.nn.Module | None = None
+        self._cached: tuple[int, Params] | None = None  # (version, global params)
+        self._task_id = ""
+        self._stop = threading.Event()
+        self.tasks_done = 0
+        self._channel = grpc.insecure_channel(server, options=grpc_channel_options(self.spec.server.maxMessageMiB))
+        self._stub = pb_grpc.FederatorStub(self._channel)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._channel.close()
+
+    # ------------------------------------------------------------------------------------ main loop
+
+    def run(self) -> int:
+        """Returns 0 when the server said STOP, 1 when it stayed unreachable for reconnect_seconds."""
+        backoff, down_since = 0.1, None
+        while not self._stop.is_set():
+            try:
+                joined = self._join()
+                backoff, down_since = 0.1, None
+                if self._serve(joined):
+                    return 0
+            except Rejoin as exc:
+                log.info("rejoining: %s", exc)
+                continue
+            except grpc.RpcError as exc:
+                code = exc.code() if hasattr(exc, "code") else None
+                if code == grpc.StatusCode.UNAUTHENTICATED:
+                    log.error("the server refused this client's token: %s", exc.details() if hasattr(exc, "details")
+                              else exc)
+                    return 2
+                down_since = down_since or time.monotonic()
+                if time.monotonic() - down_since > self.reconnect_seconds:
+                    log.error("server %s unreachable for %.0fs; giving up", self.server, self.reconnect_seconds)
+                    return 1
+                log.info("server %s unavailable (%s); retrying in %.1fs", self.server, code, backoff)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
+        return 1
+
+    def _join(self) -> Joined:
+        samples = len(self.silo_data) if self.silo_data is not None else 0
+        reply = self._stub.Join(pb.JoinRequest(token=self.token, worker_name=self.name, silo=self.silo or "",
+                                               silo_samples=samples), timeout=10)
+        log.info("joined %s as %s", reply.federation, reply.worker_id)
+        return Joined(reply.worker_id, float(reply.heartbeat_seconds or 1), int(reply.chunk_bytes or MiB),
+                      tuple(reply.input_shape), int(reply.num_classes))
+
+    def _serve(self, joined: Joined) -> bool:
+        """Pull and run tasks until STOP (True) or until the server forgets us (raises Rejoin)."""
+        beat_stop = threading.Event()
+        forgotten = threading.Event()
+        beater = threading.Thread(target=self._heartbeat, args=(joined, beat_stop, forgotten), daemon=True)
+        beater.start()
+        try:
+            while not self._stop.is_set():
+                if forgotten.is_set():
+                    raise Rejoin("the server forgot this worker")
+                have = self._cached[0] if self._cached else 0
+                try:
+                    header, params = self._get_task(joined, have)
+                except grpc.RpcError as exc:
+                    if hasattr(exc, "code") and exc.code() == grpc.StatusCode.NOT_FOUND:
+                        raise Rejoin(str(exc.details())) from None
+                    raise
+                if header.kind == pb.TaskHeader.STOP:
+                    log.info("federation finished (%s)", header.reason)
+                    self._leave(joined)
+                    return True
+                if header.kind == pb.TaskHeader.NONE:
+                    continue
+                self._run_task(joined, header, params)
+            return False
+        finally:
+            beat_stop.set()
+
+    def _heartbeat(self, joined: Joined, stop: threading.Event, forgotten: threading.Event) -> None:
+        while not stop.wait(joined.heartbeat_seconds):
+            try:
+                reply = self._stub.Heartbeat(pb.HeartbeatRequest(token=self.token, worker_id=joined.worker_id,
+                                                                 task_id=self._task_id), timeout=5)
+                if not reply.known:
+                    forgotten.set()
+                    return
+            except grpc.RpcError:
+                continue  # the main loop notices an unreachable server on its own calls
+
+    def _get_task(self, joined: Joined, have_version: int) -> tuple[pb.TaskHeader, Params | None]:
+        stream = self._stub.GetTask(pb.TaskRequest(token=self.token, worker_id=joined.worker_id,
+                                                   have_version=have_version, wait_seconds=5.0), timeout=60)
+        first = next(stream)
+        header = first.header
+        if header.kind != pb.TaskHeader.TRAIN or not header.weights_included:
+            for _ in stream:
+                pass
+            return header, None
+        layout = layout_from_specs(header.tensors)
+        asm = BlobAssembler(header.tensors, header.total_bytes, layout)
+        for msg in stream:
+            asm.add(msg.chunk)
+        params = asm.finish()
+        self._cached = (header.version, params)
+        return header, params
+
+    def _local_data(self, client_id: str) -> ArrayDataset:
+        if self.silo_data is not None:
+            return self.silo_data
+        if self._data is None:
+            self._data = prepare_data(self.spec)
+        return self._data.client(int(client_id.removeprefix("sim-")))
+
+    def _build(self, joined: Joined) -> torch.nn.Module:
+        if self._model is None:
+            self._model = build_model(self.spec.model, joined.input_shape, joined.num_classes, seed=self.spec.data.seed)
+        return self._model
+
+    def _run_task(self, joined: Joined, header: pb.TaskHeader, params: Params | None) -> None:
+        if params is None:
+            if self._cached is None or self._cached[0] != header.version:
+                self._cached = None  # the server thought we had it: ask again with the weights
+                return
+            params = self._cached[1]
+        self._task_id = header.task_id
+        model = self._build(joined)
+        set_params(model, params)
+        data = self._local_data(header.client_id)
+        seed = zlib.crc32(f"{self.spec.data.seed}:{header.round}:{header.client_id}".encode())
+        result = train_local(model, data, self.spec.training, seed=seed,
+                             global_params=params if self.spec.training.proximalMu > 0 else None)
+        self.metrics.train_seconds.labels(client=header.client_id).observe(result.seconds)
+        self.metrics.samples.labels(client=header.client_id).inc(result.num_samples)
+        enc = encode(get_params(model))
+        update_header = pb.UpdateHeader(
+            token=self.token, worker_id=joined.worker_id, task_id=header.task_id, round=header.round,
+            client_id=header.client_id, base_version=header.version, num_samples=result.num_samples,
+            train_loss=result.loss, train_seconds=result.seconds, tensors=list(enc.specs),
+            total_bytes=enc.total_bytes,
+        )
+
+        def messages() -> Iterator[pb.UpdateMessage]:
+            yield pb.UpdateMessage(header=update_header)
+            for chunk in enc.chunks(joined.chunk_bytes):
+                yield pb.UpdateMessage(chunk=chunk)
+
+        reply = self._stub.SubmitUpdate(messages(), timeout=600)
+        self._task_id = ""
+        outcome = "accepted" if reply.accepted else "rejected"
+        self.metrics.tasks.labels(outcome=outcome).inc()
+        self.tasks_done += 1
+        if not reply.accepted:
+            log.warning("update for %s round %d not accepted: %s %s", header.client_id, header.round,
+                        reply.reason, reply.detail)
+
+    def _leave(self, joined: Joined) -> None:
+        with contextlib.suppress(grpc.RpcError):
+            self._stub.Leave(pb.LeaveRequest(token=self.token, worker_id=joined.worker_id), timeout=2)
+
+
+def main(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    fed = load_federation_config(args.config)
+    tokens = read_tokens(args.token_file, "FEDERATOR_TOKEN")
+    if not tokens:
+        log.error("no token: pass --token-file or set FEDERATOR_TOKEN")
+        return 2
+    silo_data = None
+    if args.silo:
+        if not args.data:
+            log.error("--silo needs --data: the path of this silo's own data")
+            return 2
+        d = fed.spec.data
+        silo_data = load_silo_data(args.data, args.format, d.labelColumn, d.imageSize, d.grayscale)
+    metrics = ClientMetrics.create()
+    http = None
+    if args.metrics_port >= 0:
+        http = StatusHTTPServer("0.0.0.0" if args.metrics_port else "127.0.0.1", args.metrics_port,
+                                metrics.registry).start()
+    worker = Worker(fed, args.server, tokens[0], name=args.name, silo=args.silo, silo_data=silo_data,
+                    metrics=metrics, reconnect_seconds=float(os.environ.get("FEDERATOR_RECONNECT_SECONDS", "600")))
+    try:
+        return worker.run()
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        worker.close()
+        if http is not None:
+            http.stop()
+
+

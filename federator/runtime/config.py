@@ -1,0 +1,35 @@
+"""How runtime processes read their configuration: the Federation manifest and tokens."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import yaml
+
+from federator.api.manifest import ManifestError, parse_document
+from federator.api.models import API_VERSION, Federation
+
+
+def load_federation_config(path: str | Path) -> Federation:
+    """A Federation from a manifest file, or from a file holding only its spec (then named by FEDERATOR_NAME)."""
+    docs = [d for d in yaml.safe_load_all(Path(path).read_text()) if d is not None]
+    feds = [d for d in docs if isinstance(d, dict) and d.get("kind") == "Federation"]
+    if feds:
+        doc = feds[0]
+    elif len(docs) == 1 and isinstance(docs[0], dict) and "rounds" in docs[0]:
+        doc = {"apiVersion": API_VERSION, "kind": "Federation",
+               "metadata": {"name": os.environ.get("FEDERATOR_NAME", "federation"),
+                            "namespace": os.environ.get("FEDERATOR_NAMESPACE", "default")},
+               "spec": docs[0]}
+    else:
+        raise ManifestError(str(path), ["(file): no Federation manifest or spec found"])
+    fed = parse_document(doc).obj
+    assert isinstance(fed, Federation)
+    return fed
+
+
+def read_tokens(path: str | None, env: str) -> list[str]:
+    """Tokens from a file (one per line) or an environment variable (newline or comma separated)."""
+    text = Path(path).read_text() if path else os.environ.get(env, "")
+    return [t.strip() for t in text.replace(",", "\n").splitlines() if t.strip() and not t.startswith("#")]

@@ -1,0 +1,670 @@
+"""The federation server: samples clients, queues their training tasks, aggregates, evaluates, checkpoints.
+
+Client workers pull tasks over gRPC (DESIGN section 4). One lock (`self._cond`) guards the round's
+bookkeeping; decoding and validating an update happens outside it, so a large upload never blocks the
+other workers. A round closes when every sampled update arrived, or at the round timeout with at least
+`minPerRound`; otherwise it is retried, and after `maxRoundRetries` the federation fails with the reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import hmac
+import json
+import logging
+import os
+import secrets
+import signal
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from concurrent import futures
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import torch
+
+from federator.api.models import Federation
+from federator.runtime.aggregation import FedAvgAccumulator, ServerOptimizerState, server_update
+from federator.runtime.checkpoint import load_checkpoint, save_checkpoint
+from federator.runtime.config import load_federation_config, read_tokens
+from federator.runtime.data import prepare_data
+from federator.runtime.httpserver import StatusHTTPServer
+from federator.runtime.metrics import ServerMetrics
+from federator.runtime.models import build_model, count_parameters
+from federator.runtime.proto import federator_pb2 as pb
+from federator.runtime.proto import federator_pb2_grpc as pb_grpc
+from federator.runtime.training import Params, evaluate, get_params, set_params
+from federator.runtime.transport import DEFAULT_CHUNK_BYTES, BlobAssembler, Encoded, Layout, Rejected, encode
+
+log = logging.getLogger("federator.server")
+
+CHECKPOINT_FILE = "checkpoint.pt"
+MAX_TASK_ATTEMPTS = 3
+MiB = 1 << 20
+
+
+@dataclass
+class Task:
+    task_id: str
+    round: int
+    client_id: str
+    silo: str | None
+    version: int
+    state: str = "queued"  # queued | assigned | done | dropped | cancelled
+    worker_id: str | None = None
+    attempts: int = 0
+
+
+@dataclass
+class WorkerInfo:
+    worker_id: str
+    name: str
+    silo: str | None
+    silo_samples: int
+    last_seen: float
+    task_id: str | None = None
+
+
+@dataclass
+class RoundState:
+    round: int
+    attempt: int
+    started: float
+    tasks: dict[str, Task]
+    accumulator: FedAvgAccumulator
+    accepted: int = 0
+    train_seconds: dict[str, float] = field(default_factory=dict)  # worker -> summed local training time
+    closed: bool = False
+
+
+def model_version(run_id: str, completed_round: int) -> int:
+    """A non-zero id of the global model after `completed_round` rounds of run `run_id`."""
+    digest = hashlib.sha256(f"{run_id}:{completed_round}".encode()).digest()
+    return int.from_bytes(digest[:7], "big") + 1
+
+
+class FederationServer:
+    """Owns the global model and the round loop; serves gRPC and HTTP."""
+
+    def __init__(self, fed: Federation, state_dir: Path, tokens: list[str], host: str = "127.0.0.1",
+                 port: int = 0, metrics_port: int = 0, heartbeat_seconds: float = 1.0) -> None:
+        self.fed = fed
+        self.spec = fed.spec
+        self.name = fed.metadata.name
+        self.namespace = fed.metadata.namespace
+        self.state_dir = state_dir
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.worker_tokens, self.silo_tokens = _split_tokens(tokens)
+        self.heartbeat_seconds = heartbeat_seconds
+        self.dead_after = 3 * heartbeat_seconds + 2.0
+        # our own limit is checked on every message and counted; gRPC's hard limit (twice ours) only stops
+        # what would otherwise be allocated, and shows as an aborted stream
+        self.max_message = self.spec.server.maxMessageMiB * MiB
+        self.chunk_bytes = min(DEFAULT_CHUNK_BYTES, self.max_message // 2)
+        max_msg = 2 * self.max_message + 64 * 1024
+
+        self.data = prepare_data(self.spec)
+        self.model = build_model(self.spec.model, self.data.train.input_shape, self.data.train.num_classes,
+                                 seed=self.spec.data.seed)
+        self.params: Params = get_params(self.model)
+        self.layout = Layout.of(self.params)
+        self.opt_state = ServerOptimizerState()
+        self.history: list[dict[str, Any]] = []
+        self.completed = 0
+        self.run_id = secrets.token_hex(8)
+        self.phase = "Pending"
+        self.message = ""
+        self._resume()
+        self.version = model_version(self.run_id, self.completed)
+        self.encoded: Encoded = encode(self.params)
+
+        self._cond = threading.Condition()
+        self._stopping = threading.Event()
+        self.workers: dict[str, WorkerInfo] = {}
+        self.queue: deque[str] = deque()
+        self.current: RoundState | None = None
+        self.silo_stats: dict[str, dict[str, Any]] = {}
+        self.participants = 0
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+        self.metrics = ServerMetrics.create(self.name, self.namespace)
+        lv = {"federation": self.name, "namespace": self.namespace}
+        self._m = {k: getattr(self.metrics, k).labels(**lv) for k in (
+            "round", "rounds_total", "round_duration", "accuracy", "loss", "clients_connected",
+            "bytes_sent", "bytes_received", "pending_tasks")}
+        self._lv = lv
+        self._m["round"].set(self.completed)
+        if self.history:
+            self._m["accuracy"].set(self.history[-1]["accuracy"])
+            self._m["loss"].set(self.history[-1]["loss"])
+
+        self._grpc = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="grpc"),
+            options=[("grpc.max_receive_message_length", max_msg), ("grpc.max_send_message_length", max_msg)],
+        )
+        pb_grpc.add_FederatorServicer_to_server(_Servicer(self), self._grpc)
+        self.port = self._grpc.add_insecure_port(f"{host}:{port}")
+        if self.port == 0:
+            raise OSError(f"cannot listen for gRPC on {host}:{port}")
+        self._http = StatusHTTPServer(host, metrics_port, self.metrics.registry, self.status,
+                                      healthy=lambda: self.phase != "Failed")
+        self.metrics_port = self._http.port
+
+    # ------------------------------------------------------------------------------------ lifecycle
+
+    def _resume(self) -> None:
+        state = load_checkpoint(self.state_dir / CHECKPOINT_FILE)
+        if state is None:
+            return
+        saved_layout = [tuple(x) for x in state["layout"]]
+        mine = [(t.name, t.dtype, list(t.shape)) for t in self.layout.tensors]
+        if saved_layout != [tuple(x) for x in mine]:
+            raise RuntimeError(
+                f"checkpoint {self.state_dir / CHECKPOINT_FILE} was made for a different model; "
+                "use a new state directory (--state-dir / --out) or delete the checkpoint to start over"
+            )
+        self.params = {k: v.clone() for k, v in state["params"].items()}
+        self.opt_state = ServerOptimizerState(step=int(state["optimizer"]["step"]),
+                                              m=dict(state["optimizer"]["m"]), v=dict(state["optimizer"]["v"]))
+        self.history = [dict(h) for h in state["history"]]
+        self.completed = int(state["completed_round"])
+        self.run_id = str(state["run_id"])
+        log.info("resumed from checkpoint: %d of %d rounds completed", self.completed, self.spec.rounds)
+
+    def start(self) -> FederationServer:
+        self._grpc.start()
+        self._http.start()
+        log.info("federation %s: gRPC on port %d, HTTP on port %d, model %s with %d parameters",
+                 self.name, self.port, self.metrics_port, self.spec.model.name, count_parameters(self.model))
+        return self
+
+    def stop(self, grace: float = 1.0) -> None:
+        self._stopping.set()
+        with self._cond:
+            self._cond.notify_all()
+        self._grpc.stop(grace).wait()
+        self._http.stop()
+
+    # ------------------------------------------------------------------------------------ round loop
+
+    def run(self) -> int:
+        """Run the remaining rounds. Returns 0 on success, 1 when the federation failed or was stopped."""
+        try:
+            if self.completed >= self.spec.rounds:
+                self.phase = "Succeeded"
+                self._finish()
+                return 0
+            if not self._wait_for_clients():
+                return 1
+            self.phase = "Running"
+            while self.completed < self.spec.rounds and not self._stopping.is_set():
+                if not self._run_round_with_retries(self.completed + 1):
+                    return 1
+            if self._stopping.is_set():
+                return 1
+            self.phase = "Succeeded"
+            self._finish()
+            return 0
+        finally:
+            with self._cond:
+                self._cond.notify_all()
+
+    def _wait_for_clients(self) -> bool:
+        while not self._stopping.is_set():
+            with self._cond:
+                self._reap_dead_workers()
+                if self.workers:
+                    return True
+                self.message = "waiting for client workers to join"
+                self._cond.wait(0.2)
+        return False
+
+    def _run_round_with_retries(self, rnd: int) -> bool:
+        clients = self.spec.clients
+        for attempt in range(clients.maxRoundRetries + 1):
+            got = self._run_round(rnd, attempt)
+            if got is None:
+                return True
+            if self._stopping.is_set():
+                return False
+            log.warning("round %d attempt %d: %d of minPerRound=%d updates in %.0fs; retrying",
+                        rnd, attempt + 1, got, clients.min_per_round, clients.roundTimeoutSeconds)
+        self.phase = "Failed"
+        self.message = (
+            f"round {rnd} got fewer than clients.minPerRound={clients.min_per_round} updates within "
+            f"clients.roundTimeoutSeconds={clients.roundTimeoutSeconds} in {clients.maxRoundRetries + 1} "
+            f"attempts (workers connected: {len(self.workers)}); start more client workers or lower minPerRound"
+        )
+        log.error("federation failed: %s", self.message)
+        return False
+
+    def _sample(self, rnd: int, attempt: int) -> list[tuple[str, str | None]]:
+        pool: list[tuple[str, str | None]] = [(f"sim-{i}", None) for i in range(self.spec.clients.count)]
+        pool += sorted((w.silo, w.silo) for w in self.workers.values() if w.silo)
+        pool = list(dict.fromkeys(pool))
+        k = min(self.spec.clients.per_round, len(pool))
+        rng = np.random.default_rng([self.spec.data.seed, rnd, attempt])
+        picked = rng.choice(len(pool), size=k, replace=False)
+        return [pool[i] for i in sorted(picked)]
+
+    def _run_round(self, rnd: int, attempt: int) -> int | None:
+        """One attempt at a round. Returns None when it completed, else the number of updates it got."""
+        sent0, recv0 = self.bytes_sent, self.bytes_received
+        with self._cond:
+            sampled = self._sample(rnd, attempt)
+            tasks = {}
+            for client_id, silo in sampled:
+                tid = f"r{rnd}a{attempt}-{client_id}"
+                tasks[tid] = Task(tid, rnd, client_id, silo, self.version)
+            self.current = RoundState(rnd, attempt, time.time(), tasks, FedAvgAccumulator())
+            self.queue.clear()
+            self.queue.extend(tasks)
+            self._m["pending_tasks"].set(len(self.queue))
+            self._cond.notify_all()
+            deadline = time.monotonic() + self.spec.clients.roundTimeoutSeconds
+            cur = self.current
+            while not self._stopping.is_set():
+                open_tasks = [t for t in tasks.values() if t.state in ("queued", "assigned")]
+                if not open_tasks:
+                    break
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(min(0.25, remaining))
+                self._reap_dead_workers()
+            cur.closed = True
+            for t in tasks.values():
+                if t.state in ("queued", "assigned"):
+                    t.state = "cancelled"
+            self.queue.clear()
+            self._m["pending_tasks"].set(0)
+            accepted = cur.accepted
+        if accepted < self.spec.clients.min_per_round or accepted == 0:
+            return accepted
+
+        aggregate = cur.accumulator.result()
+        self.params, self.opt_state = server_update(self.params, aggregate, self.spec.aggregation.serverOptimizer,
+                                                    self.opt_state)
+        set_params(self.model, self.params)
+        loss, acc = evaluate(self.model, self.data.test)
+        ended = time.time()
+        record = {
+            "round": rnd,
+            "accuracy": acc,
+            "loss": loss,
+            "round_seconds": ended - cur.started,
+            "train_seconds": max(cur.train_seconds.values(), default=0.0),
+            "participants": accepted,
+            "attempts": attempt + 1,
+            "started_at": cur.started,
+            "ended_at": ended,
+            "bytes_sent": self.bytes_sent - sent0,
+            "bytes_received": self.bytes_received - recv0,
+        }
+        with self._cond:
+            self.completed = rnd
+            self.participants = accepted
+            self.history.append(record)
+            self.version = model_version(self.run_id, self.completed)
+            self.encoded = encode(self.params)
+            self.current = None
+        self._checkpoint()
+        self._m["round"].set(rnd)
+        self._m["rounds_total"].inc()
+        self._m["round_duration"].observe(record["round_seconds"])
+        self._m["accuracy"].set(acc)
+        self._m["loss"].set(loss)
+        log.info("round %d/%d: accuracy %.4f loss %.4f (%d updates, %.2fs)", rnd, self.spec.rounds, acc, loss,
+                 accepted, record["round_seconds"])
+        return None
+
+    def _checkpoint(self) -> None:
+        save_checkpoint(self.state_dir / CHECKPOINT_FILE, {
+            "format": 1,
+            "federation": self.name,
+            "run_id": self.run_id,
+            "completed_round": self.completed,
+            "params": self.params,
+            "optimizer": {"step": self.opt_state.step, "m": self.opt_state.m, "v": self.opt_state.v},
+            "history": self.history,
+            "layout": [(t.name, t.dtype, list(t.shape)) for t in self.layout.tensors],
+        })
+        _write_json_atomic(self.state_dir / "metrics.json", self.metrics_document())
+
+    def _finish(self) -> None:
+        tmp = self.state_dir / "model.pt.tmp"
+        torch.save(self.params, tmp)
+        os.replace(tmp, self.state_dir / "model.pt")
+        _write_json_atomic(self.state_dir / "metrics.json", self.metrics_document())
+        self.message = f"completed {self.completed} rounds"
+        log.info("federation %s succeeded: %s", self.name, self.message)
+
+    def metrics_document(self) -> dict[str, Any]:
+        return {
+            "federation": self.name,
+            "namespace": self.namespace,
+            "rounds_planned": self.spec.rounds,
+            "model": self.spec.model.name,
+            "model_parameters": count_parameters(self.model),
+            "model_bytes": self.layout.total_bytes,
+            "rounds": self.history,
+        }
+
+    # ------------------------------------------------------------------------------------ bookkeeping
+
+    def status(self) -> dict[str, Any]:
+        last = self.history[-1] if self.history else {}
+        return {
+            "federation": self.name,
+            "phase": self.phase,
+            "round": self.completed,
+            "rounds": self.spec.rounds,
+            "accuracy": last.get("accuracy"),
+            "loss": last.get("loss"),
+            "epsilon": None,
+            "clients": {"connected": len(self.workers), "participants": self.participants},
+            "byzantineFlagged": 0,
+            "compressionRatio": 1.0,
+            "pendingTasks": len(self.queue),
+            "message": self.message,
+            "roundStartedAt": self.current.started if self.current else None,
+            "silos": self.silo_stats,
+        }
+
+    def _reap_dead_workers(self) -> None:
+        """Forget workers that stopped beating and requeue their tasks (caller holds the lock)."""
+        now = time.monotonic()
+        for wid, w in list(self.workers.items()):
+            if now - w.last_seen > self.dead_after:
+                log.warning("worker %s (%s) stopped responding; requeueing its task", w.name, wid)
+                self._drop_worker(wid)
+
+    def _drop_worker(self, wid: str) -> None:
+        w = self.workers.pop(wid, None)
+        if w is None:
+            return
+        if w.task_id and self.current:
+            t = self.current.tasks.get(w.task_id)
+            if t is not None and t.state == "assigned" and t.worker_id == wid:
+                t.state, t.worker_id = "queued", None
+                self.queue.appendleft(t.task_id)
+                self._m["pending_tasks"].set(len(self.queue))
+        if w.silo and w.silo in self.silo_stats:
+            self.silo_stats[w.silo]["joined"] = False
+        self._m["clients_connected"].set(len(self.workers))
+        self._cond.notify_all()
+
+    def check_token(self, token: str, silo: str | None = None) -> bool:
+        if silo:
+            want = self.silo_tokens.get(silo)
+            return want is not None and hmac.compare_digest(want, token)
+        return any(hmac.compare_digest(t, token) for t in self.worker_tokens)
+
+    def worker_token_ok(self, worker_id: str, token: str) -> WorkerInfo | None:
+        w = self.workers.get(worker_id)
+        if w is None or not self.check_token(token, w.silo):
+            return None
+        return w
+
+    def join(self, req: pb.JoinRequest) -> WorkerInfo | None:
+        silo = req.silo or None
+        if not self.check_token(req.token, silo):
+            return None
+        with self._cond:
+            wid = secrets.token_hex(6)
+            w = WorkerInfo(wid, req.worker_name or wid, silo, int(req.silo_samples), time.monotonic())
+            self.workers[wid] = w
+            if silo:
+                self.silo_stats.setdefault(silo, {"joined": True, "roundsParticipated": 0,
+                                                  "lastUpdateTime": None, "flagged": False})["joined"] = True
+            self._m["clients_connected"].set(len(self.workers))
+            self._cond.notify_all()
+        log.info("worker %s joined as %s%s", w.name, wid, f" (silo {silo})" if silo else "")
+        return w
+
+    def next_task(self, w: WorkerInfo, wait: float) -> Task | str:
+        """Assign the next task this worker may take; 'stop' when the federation is over, 'none' if idle."""
+        deadline = time.monotonic() + max(0.0, min(wait, 10.0))
+        with self._cond:
+            while True:
+                w.last_seen = time.monotonic()
+                if self.phase in ("Succeeded", "Failed") or self._stopping.is_set():
+                    return "stop"
+                if w.worker_id not in self.workers:
+                    return "gone"
+                task = self._take_task(w)
+                if task is not None:
+                    return task
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return "none"
+                self._cond.wait(remaining)
+
+    def _take_task(self, w: WorkerInfo) -> Task | None:
+        if self.current is None or self.current.closed:
+            return None
+        for tid in self.queue:
+            t = self.current.tasks[tid]
+            if t.silo == w.silo:  # workers take simulated clients, a silo only its own task
+                self.queue.remove(tid)
+                t.state, t.worker_id = "assigned", w.worker_id
+                w.task_id = tid
+                self._m["pending_tasks"].set(len(self.queue))
+                return t
+        return None
+
+    def reject(self, reason: str, detail: str, task: Task | None = None, late: bool = False) -> pb.SubmitReply:
+        self.metrics.updates.labels(**self._lv, outcome="late" if late else "rejected").inc()
+        self.metrics.rejections.labels(**self._lv, reason=reason).inc()
+        log.warning("update rejected (%s): %s", reason, detail)
+        if task is not None:
+            with self._cond:
+                if task.state == "assigned" and self.current and task.task_id in self.current.tasks:
+                    task.attempts += 1
+                    if task.attempts >= MAX_TASK_ATTEMPTS:
+                        task.state = "dropped"
+                    else:
+                        task.state, task.worker_id = "queued", None
+                        self.queue.append(task.task_id)
+                    self._m["pending_tasks"].set(len(self.queue))
+                    self._cond.notify_all()
+        return pb.SubmitReply(accepted=False, reason=reason, detail=detail)
+
+    def expected_samples(self, task: Task, w: WorkerInfo) -> int:
+        if task.silo:
+            return w.silo_samples
+        return len(self.data.partitions[int(task.client_id.removeprefix("sim-"))])
+
+    def submit(self, messages: Iterator[pb.UpdateMessage]) -> pb.SubmitReply:
+        try:
+            first = next(messages)
+        except (StopIteration, grpc.RpcError, ValueError):
+            return self.reject("malformed", "empty update stream")
+        if first.WhichOneof("body") != "header":
+            return self.reject("malformed", "the first message of an update must be its header")
+        h = first.header
+        with self._cond:
+            w = self.workers.get(h.worker_id)
+            if w is None:
+                ok = self.check_token(h.token) or any(
+                    hmac.compare_digest(t, h.token) for t in self.silo_tokens.values())
+                return self.reject("bad_token" if not ok else "unknown_worker",
+                                   f"worker {h.worker_id!r} is unknown or its token is wrong")
+            if not self.check_token(h.token, w.silo):
+                return self.reject("bad_token", f"wrong token for worker {h.worker_id!r}")
+            w.last_seen = time.monotonic()
+            cur = self.current
+            task = cur.tasks.get(h.task_id) if cur else None
+            if task is None or cur is None or cur.closed:
+                late = h.round <= self.completed + 1 and h.round > 0
+                return self.reject("wrong_round", f"task {h.task_id!r} for round {h.round} is not open "
+                                   f"(current round {self.completed + 1})", late=late)
+            if h.round != task.round:
+                return self.reject("wrong_round", f"update says round {h.round}, task is for round {task.round}",
+                                   task)
+            if task.worker_id != w.worker_id or task.state != "assigned":
+                reason = "duplicate" if task.state == "done" else "unknown_task"
+                return self.reject(reason, f"task {h.task_id!r} is not assigned to this worker")
+            if h.client_id != task.client_id:
+                return self.reject("malformed", f"client {h.client_id!r} does not match the task", task)
+            if h.base_version != task.version:
+                return self.reject("stale_version", "update was trained from another model version", task)
+            want = self.expected_samples(task, w)
+            if not 0 < h.num_samples <= max(want, 1):
+                return self.reject("malformed", f"num_samples {h.num_samples} is outside 1..{want}", task)
+        try:
+            asm = BlobAssembler(h.tensors, h.total_bytes, self.layout, max_chunk_bytes=self.max_message)
+            for msg in messages:
+                if msg.WhichOneof("body") != "chunk":
+                    raise Rejected("malformed", "a second header inside one update")
+                asm.add(msg.chunk)
+            params = asm.finish()
+        except Rejected as exc:
+            return self.reject(exc.reason, exc.detail, task)
+        except grpc.RpcError:
+            # the client went away mid-upload, or sent a message above gRPC's hard limit (it then got
+            # RESOURCE_EXHAUSTED); either way nothing of it was used
+            return self.reject("aborted", "the update stream broke off before its end", task)
+        self._m["bytes_received"].inc(h.total_bytes)
+        self.bytes_received += h.total_bytes
+        with self._cond:
+            if cur.closed or task.state != "assigned" or task.worker_id != w.worker_id:
+                self.metrics.updates.labels(**self._lv, outcome="late").inc()
+                return pb.SubmitReply(accepted=False, reason="late", detail="the round closed before the update")
+            cur.accumulator.add(params, float(h.num_samples))
+            cur.accepted += 1
+            task.state = "done"
+            w.task_id = None
+            cur.train_seconds[w.worker_id] = cur.train_seconds.get(w.worker_id, 0.0) + max(0.0, h.train_seconds)
+            if w.silo:
+                s = self.silo_stats[w.silo]
+                s["roundsParticipated"] += 1
+                s["lastUpdateTime"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            self.metrics.updates.labels(**self._lv, outcome="accepted").inc()
+            self._cond.notify_all()
+        return pb.SubmitReply(accepted=True)
+
+    def heartbeat(self, req: pb.HeartbeatRequest) -> pb.HeartbeatReply:
+        with self._cond:
+            w = self.worker_token_ok(req.worker_id, req.token)
+            if w is None:
+                return pb.HeartbeatReply(known=False, task_valid=False)
+            w.last_seen = time.monotonic()
+            valid = False
+            if req.task_id and self.current:
+                t = self.current.tasks.get(req.task_id)
+                valid = t is not None and t.state == "assigned" and t.worker_id == w.worker_id
+            return pb.HeartbeatReply(known=True, task_valid=valid)
+
+    def leave(self, req: pb.LeaveRequest) -> None:
+        with self._cond:
+            if self.worker_token_ok(req.worker_id, req.token) is not None:
+                self._drop_worker(req.worker_id)
+
+
+class _Servicer(pb_grpc.FederatorServicer):
+    """gRPC adapter: unpacks requests, calls the server, packs replies."""
+
+    def __init__(self, server: FederationServer) -> None:
+        self.s = server
+
+    def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
+        w = self.s.join(request)
+        if w is None:
+            self.s.metrics.rejections.labels(**self.s._lv, reason="bad_token").inc()
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "unknown token: check the client's token file")
+        assert w is not None
+        return pb.JoinReply(worker_id=w.worker_id, heartbeat_seconds=max(1, round(self.s.heartbeat_seconds)),
+                            federation=self.s.name, chunk_bytes=self.s.chunk_bytes,
+                            input_shape=list(self.s.data.train.input_shape),
+                            num_classes=self.s.data.train.num_classes)
+
+    def GetTask(self, request: pb.TaskRequest, context: grpc.ServicerContext) -> Iterator[pb.TaskMessage]:
+        s = self.s
+        w = s.worker_token_ok(request.worker_id, request.token)
+        if w is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, "unknown worker or wrong token: join again")
+        assert w is not None
+        got = s.next_task(w, request.wait_seconds)
+        if got == "gone":
+            context.abort(grpc.StatusCode.NOT_FOUND, "this worker was dropped: join again")
+        if isinstance(got, str):
+            kind = pb.TaskHeader.STOP if got == "stop" else pb.TaskHeader.NONE
+            yield pb.TaskMessage(header=pb.TaskHeader(kind=kind, reason=s.phase))
+            return
+        with s._cond:
+            encoded, version = s.encoded, s.version
+        include = request.have_version != version
+        yield pb.TaskMessage(header=pb.TaskHeader(
+            kind=pb.TaskHeader.TRAIN, task_id=got.task_id, round=got.round, client_id=got.client_id,
+            version=version, weights_included=include, tensors=list(encoded.specs) if include else [],
+            total_bytes=encoded.total_bytes if include else 0,
+        ))
+        if include:
+            for chunk in encoded.chunks(s.chunk_bytes):
+                yield pb.TaskMessage(chunk=chunk)
+            s._m["bytes_sent"].inc(encoded.total_bytes)
+            s.bytes_sent += encoded.total_bytes
+
+    def SubmitUpdate(self, request_iterator: Iterator[pb.UpdateMessage],
+                     context: grpc.ServicerContext) -> pb.SubmitReply:
+        return self.s.submit(request_iterator)
+
+    def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatReply:
+        return self.s.heartbeat(request)
+
+    def Leave(self, request: pb.LeaveRequest, context: grpc.ServicerContext) -> pb.LeaveReply:
+        self.s.leave(request)
+        return pb.LeaveReply()
+
+
+def _split_tokens(tokens: list[str]) -> tuple[list[str], dict[str, str]]:
+    """Lines `TOKEN` are worker tokens; lines `silo:NAME=TOKEN` bind a token to one silo."""
+    workers, silos = [], {}
+    for line in tokens:
+        if line.startswith("silo:") and "=" in line:
+            name, tok = line[5:].split("=", 1)
+            silos[name] = tok
+        elif line:
+            workers.append(line)
+    return workers, silos
+
+
+def _write_json_atomic(path: Path, doc: dict[str, Any]) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=2))
+    os.replace(tmp, path)
+
+
+def main(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(max(1, int(os.environ.get("FEDERATOR_TORCH_THREADS", "1"))))
+    fed = load_federation_config(args.config)
+    tokens = read_tokens(args.token_file, "FEDERATOR_TOKENS")
+    if not tokens:
+        log.error("no tokens: pass --token-file or set FEDERATOR_TOKENS (one token per line)")
+        return 2
+    port = fed.spec.server.port if args.port is None else args.port
+    mport = fed.spec.server.metricsPort if args.metrics_port is None else args.metrics_port
+    server = FederationServer(fed, Path(args.state_dir), tokens, args.host, port, mport).start()
+    if args.ready_file:
+        Path(args.ready_file).write_text(f"{server.port} {server.metrics_port}\n")
+
+    def _on_signal(signum: int, _frame: Any) -> None:
+        log.info("signal %d: stopping", signum)
+        server._stopping.set()
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    code = server.run()
+    if args.linger_seconds > 0 and not server._stopping.is_set():
+        server._stopping.wait(args.linger_seconds)
+    server.stop()
+    return code
