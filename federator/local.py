@@ -37,6 +37,7 @@ class LocalRun:
     out: Path
     workers: int
     token: str = field(default_factory=lambda: secrets.token_hex(16))
+    extra_tokens: list[str] = field(default_factory=list)  # e.g. "silo:NAME=TOKEN" for silo clients
     server: subprocess.Popen[bytes] | None = None
     clients: list[subprocess.Popen[bytes]] = field(default_factory=list)
     grpc_port: int = 0
@@ -67,7 +68,7 @@ class LocalRun:
             ["server", "--config", str(self.manifest), "--host", "127.0.0.1",
              "--port", str(self.grpc_port), "--metrics-port", str(self.http_port),
              "--state-dir", str(self.state_dir), "--ready-file", str(ready), "--linger-seconds", "3"],
-            "server.log", self._env(FEDERATOR_TOKENS=self.token),
+            "server.log", self._env(FEDERATOR_TOKENS="\n".join([self.token, *self.extra_tokens])),
         )
         deadline = time.monotonic() + timeout
         while not ready.exists():

@@ -86,8 +86,15 @@ class Worker:
 
     # ------------------------------------------------------------------------------------ main loop
 
+    def warm_up(self) -> None:
+        """Load the data and torch's optimizer machinery before joining, so round 1 does not wait for it."""
+        if self.silo_data is None:
+            self._data = prepare_data(self.spec)
+        torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1).step()
+
     def run(self) -> int:
         """Returns 0 when the server said STOP, 1 when it stayed unreachable for reconnect_seconds."""
+        self.warm_up()
         backoff, down_since = 0.1, None
         while not self._stop.is_set():
             try:

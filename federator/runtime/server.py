@@ -308,6 +308,8 @@ class FederationServer:
             "bytes_sent": self.bytes_sent - sent0,
             "bytes_received": self.bytes_received - recv0,
         }
+        # checkpoint first: a round that /status reports as completed is always on disk
+        self._checkpoint(rnd, [*self.history, record])
         with self._cond:
             self.completed = rnd
             self.participants = accepted
@@ -315,7 +317,6 @@ class FederationServer:
             self.version = model_version(self.run_id, self.completed)
             self.encoded = encode(self.params)
             self.current = None
-        self._checkpoint()
         self._m["round"].set(rnd)
         self._m["rounds_total"].inc()
         self._m["round_duration"].observe(record["round_seconds"])
@@ -325,18 +326,18 @@ class FederationServer:
                  accepted, record["round_seconds"])
         return None
 
-    def _checkpoint(self) -> None:
+    def _checkpoint(self, completed: int, history: list[dict[str, Any]]) -> None:
         save_checkpoint(self.state_dir / CHECKPOINT_FILE, {
             "format": 1,
             "federation": self.name,
             "run_id": self.run_id,
-            "completed_round": self.completed,
+            "completed_round": completed,
             "params": self.params,
             "optimizer": {"step": self.opt_state.step, "m": self.opt_state.m, "v": self.opt_state.v},
-            "history": self.history,
+            "history": history,
             "layout": [(t.name, t.dtype, list(t.shape)) for t in self.layout.tensors],
         })
-        _write_json_atomic(self.state_dir / "metrics.json", self.metrics_document())
+        _write_json_atomic(self.state_dir / "metrics.json", {**self.metrics_document(), "rounds": history})
 
     def _finish(self) -> None:
         tmp = self.state_dir / "model.pt.tmp"
@@ -355,6 +356,7 @@ class FederationServer:
             "model_parameters": count_parameters(self.model),
             "model_bytes": self.layout.total_bytes,
             "rounds": self.history,
+            "silos": self.silo_stats,
         }
 
     # ------------------------------------------------------------------------------------ bookkeeping

@@ -1,0 +1,238 @@
+"""Whole federations on this machine: real server and worker processes talking gRPC on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from federator.api.manifest import load_federation
+from federator.local import LocalRun, write_results
+from tests.helpers.manifests import manifest, write_manifest
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+
+
+def federator(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "federator", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def wait_for(predicate: Any, timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def test_quickstart_reaches_093_and_leaves_results(tmp_path: Path) -> None:
+    out = tmp_path / "quickstart"
+    done = federator("run", "examples/quickstart.yaml", "--out", str(out), "--quiet")
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    doc = json.loads((out / "metrics.json").read_text())
+    rounds = doc["rounds"]
+    assert [r["round"] for r in rounds] == list(range(1, 16))
+    assert rounds[-1]["accuracy"] >= 0.93
+    assert all(r["participants"] == 10 for r in rounds)
+    assert doc["startup_seconds"] > 0 and rounds[-1]["elapsed_seconds"] > 0
+    for plot in ("accuracy.png", "loss.png"):
+        assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    model = torch.load(out / "model.pt", weights_only=True)
+    assert {k: tuple(v.shape) for k, v in model.items()} == {
+        "1.weight": (64, 64), "1.bias": (64,), "3.weight": (10, 64), "3.bias": (10,)}
+    assert "round 15/15" in done.stdout and "accuracy" in done.stdout
+    assert "round 15/15" in (out / "server.log").read_text()
+
+
+def test_dirichlet_non_iid_reaches_085(tmp_path: Path) -> None:
+    doc = manifest(
+        rounds=20,
+        model={"name": "mlp", "hiddenSizes": [64]},
+        data={"dataset": "digits", "partition": {"scheme": "dirichlet", "alpha": 0.5}, "seed": 1},
+        training={"localEpochs": 2, "batchSize": 16, "learningRate": 0.05, "momentum": 0.9},
+        clients={"count": 10, "perRound": 10, "minPerRound": 8, "workers": 2},
+    )
+    path = write_manifest(tmp_path / "noniid.yaml", doc)
+    done = federator("run", str(path), "--out", str(tmp_path / "out"), "--quiet")
+    assert done.returncode == 0, done.stderr[-3000:]
+    rounds = json.loads((tmp_path / "out" / "metrics.json").read_text())["rounds"]
+    assert rounds[-1]["accuracy"] >= 0.85
+
+
+def _status(run: LocalRun) -> dict[str, Any]:
+    return run.status() or {}
+
+
+def test_worker_killed_mid_round_the_run_still_finishes(tmp_path: Path) -> None:
+    doc = manifest(rounds=6, training={"localEpochs": 3, "batchSize": 8},
+                   clients={"count": 6, "perRound": 6, "minPerRound": 6, "roundTimeoutSeconds": 60, "workers": 2})
+    path = write_manifest(tmp_path / "fed.yaml", doc)
+    run = LocalRun(manifest=path, fed=load_federation(path), out=tmp_path, workers=2)
+    (tmp_path / "state").mkdir()
+    run.launched_at = time.time()
+    try:
+        run.start_server()
+        run.start_clients()
+        wait_for(lambda: _status(run).get("round", 0) >= 1 and _status(run).get("roundStartedAt"), 120,
+                 "round 2 to start")
+        victim = run.clients[0]
+        os.kill(victim.pid, signal.SIGKILL)  # mid-round: both workers are busy with their tasks
+        assert run.server is not None
+        run.server.wait(180)
+        assert run.server.returncode == 0, (tmp_path / "server.log").read_text()[-3000:]
+    finally:
+        run.stop()
+    assert victim.returncode == -signal.SIGKILL
+    rounds = json.loads((tmp_path / "state" / "metrics.json").read_text())["rounds"]
+    assert [r["round"] for r in rounds] == list(range(1, 7))
+    # minPerRound == perRound: every round got all six updates, so the dead worker's task was reassigned
+    assert all(r["participants"] == 6 for r in rounds)
+    assert "stopped responding; requeueing" in (tmp_path / "server.log").read_text()
+
+
+def test_server_killed_resumes_from_checkpoint_without_losing_or_repeating_rounds(tmp_path: Path) -> None:
+    doc = manifest(rounds=8, clients={"count": 4, "perRound": 4, "minPerRound": 4, "workers": 2})
+    path = write_manifest(tmp_path / "fed.yaml", doc)
+    run = LocalRun(manifest=path, fed=load_federation(path), out=tmp_path, workers=2)
+    (tmp_path / "state").mkdir()
+    run.launched_at = time.time()
+    try:
+        run.start_server()
+        run.start_clients()
+        wait_for(lambda: _status(run).get("round", 0) >= 3, 120, "three rounds")
+        assert run.server is not None
+        os.kill(run.server.pid, signal.SIGKILL)
+        run.server.wait(10)
+        before = json.loads((tmp_path / "state" / "metrics.json").read_text())["rounds"]
+        assert len(before) >= 3
+        run.start_server()  # same ports and state dir; the workers reconnect by themselves
+        run.server.wait(180)
+        assert run.server.returncode == 0, (tmp_path / "server.log").read_text()[-3000:]
+        doc_out = write_results(run)
+    finally:
+        run.stop()
+    rounds = doc_out["rounds"]
+    assert [r["round"] for r in rounds] == list(range(1, 9))  # none lost, none repeated
+    assert rounds[: len(before)] == [dict(r, elapsed_seconds=rounds[i]["elapsed_seconds"])
+                                     for i, r in enumerate(before)]
+    log = (tmp_path / "server.log").read_text()
+    assert f"resumed from checkpoint: {len(before)} of 8 rounds completed" in log
+    assert all(p.returncode == 0 for p in run.clients), "workers should exit cleanly after reconnecting"
+
+
+def test_server_serves_health_metrics_and_status(tmp_path: Path) -> None:
+    doc = manifest(rounds=4)
+    path = write_manifest(tmp_path / "fed.yaml", doc)
+    run = LocalRun(manifest=path, fed=load_federation(path), out=tmp_path, workers=1)
+    (tmp_path / "state").mkdir()
+    try:
+        run.start_server()
+        base = f"http://127.0.0.1:{run.http_port}"
+        with urllib.request.urlopen(f"{base}/healthz") as r:
+            assert r.status == 200
+        pending = json.load(urllib.request.urlopen(f"{base}/status"))
+        assert pending["phase"] == "Pending" and pending["round"] == 0 and pending["rounds"] == 4
+        run.start_clients()
+        wait_for(lambda: _status(run).get("round", 0) >= 2, 120, "two rounds")
+        text = urllib.request.urlopen(f"{base}/metrics").read().decode()
+        st = json.load(urllib.request.urlopen(f"{base}/status"))
+    finally:
+        run.stop()
+    labels = 'federation="test",namespace="default"'
+    for name in ("federator_round", "federator_rounds_total", "federator_model_accuracy", "federator_model_loss",
+                 "federator_clients_connected", "federator_pending_tasks", "federator_bytes_sent_total",
+                 "federator_bytes_received_total", "federator_compression_ratio"):
+        assert f"{name}{{{labels}}}" in text, name
+    assert f'federator_client_updates_total{{{labels},outcome="accepted"}}' in text
+    assert "federator_round_duration_seconds_bucket" in text
+    assert st["phase"] in ("Running", "Succeeded") and st["round"] >= 2
+    assert 0.0 <= st["accuracy"] <= 1.0 and st["clients"]["participants"] == 4
+
+
+def test_silo_client_trains_on_its_own_data(tmp_path: Path) -> None:
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    silo_file = tmp_path / "hospital.npz"
+    np.savez(silo_file, x=(x[:300] / 16.0).reshape(-1, 1, 8, 8).astype(np.float32), y=y[:300])
+    doc = manifest(rounds=4, clients={"count": 2, "perRound": 2, "minPerRound": 2, "workers": 1})
+    path = write_manifest(tmp_path / "fed.yaml", doc)
+    run = LocalRun(manifest=path, fed=load_federation(path), out=tmp_path, workers=1,
+                   extra_tokens=["silo:hospital=hospital-token"])
+    (tmp_path / "state").mkdir()
+    with open(tmp_path / "silo.log", "wb") as silo_log:
+        try:
+            run.start_server()
+            silo = subprocess.Popen(
+                [sys.executable, "-m", "federator", "client", "--server", f"127.0.0.1:{run.grpc_port}",
+                 "--config", str(path), "--silo", "hospital", "--data", str(silo_file), "--format", "npz",
+                 "--metrics-port", "-1"],
+                env=dict(os.environ, FEDERATOR_TOKEN="hospital-token"), cwd=ROOT, stdout=silo_log,
+                stderr=subprocess.STDOUT,
+            )
+            wait_for(lambda: _status(run).get("silos", {}).get("hospital", {}).get("joined"), 60, "the silo to join")
+            run.start_clients()
+            assert run.server is not None
+            run.server.wait(180)
+            silo.wait(30)
+        finally:
+            run.stop()
+    assert run.server.returncode == 0, (tmp_path / "server.log").read_text()[-3000:]
+    assert silo.returncode == 0
+    final = json.loads((tmp_path / "state" / "metrics.json").read_text())
+    assert len(final["rounds"]) == 4
+    # two simulated clients and the silo, sampled two per round (seeded): the silo's own updates were aggregated
+    assert final["silos"]["hospital"]["roundsParticipated"] >= 1
+    assert final["silos"]["hospital"]["lastUpdateTime"] is not None
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if text in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                    pids.append(int(proc.name))
+            except OSError:
+                continue
+    return pids
+
+
+def test_ctrl_c_stops_every_process_and_resume_finishes_the_run(tmp_path: Path) -> None:
+    doc = manifest(rounds=40, clients={"count": 4, "perRound": 4, "minPerRound": 4, "workers": 2})
+    path = write_manifest(tmp_path / "ctrlc.yaml", doc)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "federator", "run", str(path), "--out", str(out), "--quiet"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.startswith("round "):  # the first completed round: the run is under way
+            break
+    children = set(_processes_mentioning(str(path))) - {proc.pid}
+    assert len(children) == 3  # the server and two workers
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130
+    assert "--resume" in err
+    wait_for(lambda: not _processes_mentioning(str(path)), 10, "every child process to exit")
+
+    done = federator("run", str(path), "--out", str(out), "--quiet", "--resume")
+    assert done.returncode == 0, done.stderr[-3000:]
+    rounds = json.loads((out / "metrics.json").read_text())["rounds"]
+    assert [r["round"] for r in rounds] == list(range(1, 41))
+    assert "resumed from checkpoint" in (out / "server.log").read_text()
