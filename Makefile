@@ -24,7 +24,7 @@ test: $(STAMP) lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 lint: $(STAMP)
-	$(BIN)/ruff check federator tests benchmarks
+	$(BIN)/ruff check .
 	$(BIN)/python -m mypy
 
 ## Regenerate the gRPC code and the CRDs (both are committed; tests fail on drift).

@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--token-file", default=None, help="file with accepted tokens, one per line (or FEDERATOR_TOKENS)")
     srv.add_argument("--ready-file", default=None, help="write 'grpc_port metrics_port' here once listening")
     srv.add_argument("--linger-seconds", type=float, default=0.0, help="keep serving /status after the last round")
+    srv.add_argument("--tls-cert", default=None, help="PEM server certificate (with --tls-key): gRPC over TLS")
+    srv.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
 
     cli = sub.add_parser("client", help="run a client worker, or a silo client with --silo")
     cli.add_argument("--server", required=True, help="server address host:port")
@@ -59,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_argument("--format", default="npz", choices=["npz", "csv", "imagefolder"], help="silo: data format")
     cli.add_argument("--metrics-port", type=int, default=0, help="HTTP /metrics port (0 = any free, -1 = off)")
     cli.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    cli.add_argument("--tls-ca", default=None, help="PEM CA certificate: connect over TLS and verify the server")
+    cli.add_argument("--tls-server-name", default=None, help="name to verify in the server's certificate")
 
     crds = sub.add_parser("crds", help="print or write the CustomResourceDefinitions generated from the API models")
     crds.add_argument("--out", default=None, help="folder to write one YAML file per CRD (default: stdout)")

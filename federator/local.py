@@ -155,7 +155,7 @@ def _info(st: dict[str, Any]) -> str:
         parts.append(f"acc {acc:.3f}")
     if loss is not None:
         parts.append(f"loss {loss:.3f}")
-    parts.append(f"clients {st['clients']['participants']}/{st['clients']['connected']} workers")
+    parts.append(f"{st['clients']['participants']} updates/round  {st['clients']['connected']} connected")
     return "  ".join(parts)
 
 

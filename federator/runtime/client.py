@@ -17,6 +17,8 @@ import time
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import grpc
 import torch
@@ -61,7 +63,8 @@ class Worker:
 
     def __init__(self, fed: Federation, server: str, token: str, name: str | None = None,
                  silo: str | None = None, silo_data: ArrayDataset | None = None,
-                 metrics: ClientMetrics | None = None, reconnect_seconds: float = 600.0) -> None:
+                 metrics: ClientMetrics | None = None, reconnect_seconds: float = 600.0,
+                 tls_ca: bytes | None = None, tls_server_name: str | None = None) -> None:
         self.fed = fed
         self.spec = fed.spec
         self.server = server
@@ -77,7 +80,14 @@ class Worker:
         self._task_id = ""
         self._stop = threading.Event()
         self.tasks_done = 0
-        self._channel = grpc.insecure_channel(server, options=grpc_channel_options(self.spec.server.maxMessageMiB))
+        options: list[tuple[str, Any]] = list(grpc_channel_options(self.spec.server.maxMessageMiB))
+        if tls_ca is not None:
+            if tls_server_name:
+                options.append(("grpc.ssl_target_name_override", tls_server_name))
+            creds = grpc.ssl_channel_credentials(root_certificates=tls_ca)
+            self._channel = grpc.secure_channel(server, creds, options=options)
+        else:
+            self._channel = grpc.insecure_channel(server, options=options)
         self._stub = pb_grpc.FederatorStub(self._channel)
 
     def close(self) -> None:
@@ -260,7 +270,9 @@ def main(args: argparse.Namespace) -> int:
         http = StatusHTTPServer("0.0.0.0" if args.metrics_port else "127.0.0.1", args.metrics_port,
                                 metrics.registry).start()
     worker = Worker(fed, args.server, tokens[0], name=args.name, silo=args.silo, silo_data=silo_data,
-                    metrics=metrics, reconnect_seconds=float(os.environ.get("FEDERATOR_RECONNECT_SECONDS", "600")))
+                    metrics=metrics, reconnect_seconds=float(os.environ.get("FEDERATOR_RECONNECT_SECONDS", "600")),
+                    tls_ca=Path(args.tls_ca).read_bytes() if args.tls_ca else None,
+                    tls_server_name=args.tls_server_name)
     try:
         return worker.run()
     except KeyboardInterrupt:

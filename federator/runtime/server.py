@@ -93,7 +93,8 @@ class FederationServer:
     """Owns the global model and the round loop; serves gRPC and HTTP."""
 
     def __init__(self, fed: Federation, state_dir: Path, tokens: list[str], host: str = "127.0.0.1",
-                 port: int = 0, metrics_port: int = 0, heartbeat_seconds: float = 1.0) -> None:
+                 port: int = 0, metrics_port: int = 0, heartbeat_seconds: float = 1.0,
+                 tls: tuple[bytes, bytes] | None = None) -> None:
         self.fed = fed
         self.spec = fed.spec
         self.name = fed.metadata.name
@@ -150,7 +151,11 @@ class FederationServer:
             options=[("grpc.max_receive_message_length", max_msg), ("grpc.max_send_message_length", max_msg)],
         )
         pb_grpc.add_FederatorServicer_to_server(_Servicer(self), self._grpc)
-        self.port = self._grpc.add_insecure_port(f"{host}:{port}")
+        if tls is not None:
+            cert, key = tls
+            self.port = self._grpc.add_secure_port(f"{host}:{port}", grpc.ssl_server_credentials([(key, cert)]))
+        else:
+            self.port = self._grpc.add_insecure_port(f"{host}:{port}")
         if self.port == 0:
             raise OSError(f"cannot listen for gRPC on {host}:{port}")
         self._http = StatusHTTPServer(host, metrics_port, self.metrics.registry, self.status,
@@ -655,7 +660,11 @@ def main(args: argparse.Namespace) -> int:
         return 2
     port = fed.spec.server.port if args.port is None else args.port
     mport = fed.spec.server.metricsPort if args.metrics_port is None else args.metrics_port
-    server = FederationServer(fed, Path(args.state_dir), tokens, args.host, port, mport).start()
+    if bool(args.tls_cert) != bool(args.tls_key):
+        log.error("--tls-cert and --tls-key go together")
+        return 2
+    tls = (Path(args.tls_cert).read_bytes(), Path(args.tls_key).read_bytes()) if args.tls_cert else None
+    server = FederationServer(fed, Path(args.state_dir), tokens, args.host, port, mport, tls=tls).start()
     if args.ready_file:
         Path(args.ready_file).write_text(f"{server.port} {server.metrics_port}\n")
 
