@@ -67,7 +67,7 @@ class LocalRun:
         self.server = self._spawn(
             ["server", "--config", str(self.manifest), "--host", "127.0.0.1",
              "--port", str(self.grpc_port), "--metrics-port", str(self.http_port),
-             "--state-dir", str(self.state_dir), "--ready-file", str(ready), "--linger-seconds", "3"],
+             "--state-dir", str(self.state_dir), "--ready-file", str(ready), "--linger-seconds", "15"],
             "server.log", self._env(FEDERATOR_TOKENS="\n".join([self.token, *self.extra_tokens])),
         )
         deadline = time.monotonic() + timeout
@@ -119,33 +119,51 @@ def _signal(p: subprocess.Popen[bytes], sig: int) -> None:
 
 
 def follow(run: LocalRun, quiet: bool) -> dict[str, Any] | None:
-    """Follow the server's /status until it exits; show progress. Returns the last status seen."""
+    """Follow the server's /status until it exits; show progress. Returns the last status seen.
+
+    With `quiet`, one line per completed round, read from the server's metrics.json, so that rounds
+    faster than the polling interval are not skipped.
+    """
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     console = Console(stderr=True)
     rounds = run.fed.spec.rounds
     last: dict[str, Any] | None = None
-    shown_round = -1
+    printed = 0
     assert run.server is not None
     with Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("rounds"),
         TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console, disable=quiet, transient=False,
     ) as progress:
         task = progress.add_task(run.fed.metadata.name, total=rounds, info="starting")
-        while run.server.poll() is None:
-            st = run.status()
+        while True:
+            running = run.server.poll() is None
+            st = run.status() if running else None
             if st is not None:
                 last = st
-                info = _info(st)
-                progress.update(task, completed=st["round"], info=info)
-                if quiet and st["round"] != shown_round and st["round"] > 0:
-                    shown_round = st["round"]
-                    print(f"round {st['round']}/{rounds}  {info}", flush=True)
+                progress.update(task, completed=st["round"], info=_info(st))
+            if quiet:
+                printed = _print_new_rounds(run, printed, rounds)
+            if not running:
+                break
             time.sleep(0.2)
         if last is not None and run.server.returncode == 0:
             progress.update(task, completed=last.get("round", 0))
     return last
+
+
+def _print_new_rounds(run: LocalRun, printed: int, rounds: int) -> int:
+    try:
+        records = json.loads((run.state_dir / "metrics.json").read_text())["rounds"]
+    except (OSError, ValueError, KeyError):
+        return printed
+    for r in records:
+        if r["round"] > printed:
+            print(f"round {r['round']}/{rounds}  acc {r['accuracy']:.3f}  loss {r['loss']:.3f}  "
+                  f"{r['participants']} updates  {r['round_seconds']:.2f}s", flush=True)
+            printed = r["round"]
+    return printed
 
 
 def _info(st: dict[str, Any]) -> str:

@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import logging
 import os
+import signal
 import socket
 import threading
 import time
@@ -127,7 +128,7 @@ class Worker:
                     return 1
                 log.info("server %s unavailable (%s); retrying in %.1fs", self.server, code, backoff)
                 self._stop.wait(backoff)
-                backoff = min(backoff * 2, 5.0)
+                backoff = min(backoff * 2, 2.0)
         return 1
 
     def _join(self) -> Joined:
@@ -165,6 +166,7 @@ class Worker:
             return False
         finally:
             beat_stop.set()
+            beater.join(10)  # no gRPC call may be in flight when the channel closes
 
     def _heartbeat(self, joined: Joined, stop: threading.Event, forgotten: threading.Event) -> None:
         while not stop.wait(joined.heartbeat_seconds):
@@ -273,8 +275,17 @@ def main(args: argparse.Namespace) -> int:
                     metrics=metrics, reconnect_seconds=float(os.environ.get("FEDERATOR_RECONNECT_SECONDS", "600")),
                     tls_ca=Path(args.tls_ca).read_bytes() if args.tls_ca else None,
                     tls_server_name=args.tls_server_name)
+    terminated = threading.Event()
+
+    def _on_sigterm(signum: int, _frame: object) -> None:
+        log.info("SIGTERM: leaving after the current call")
+        terminated.set()
+        worker._stop.set()
+
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        return worker.run()
+        code = worker.run()
+        return 143 if terminated.is_set() else code
     except KeyboardInterrupt:
         return 130
     finally:

@@ -59,6 +59,7 @@ class Task:
     state: str = "queued"  # queued | assigned | done | dropped | cancelled
     worker_id: str | None = None
     attempts: int = 0
+    leases: int = 0  # how many times it was handed out: a late rejection must not requeue a newer lease
 
 
 @dataclass
@@ -364,6 +365,18 @@ class FederationServer:
             "silos": self.silo_stats,
         }
 
+    def wait_for_workers_to_leave(self, timeout: float) -> bool:
+        """After the last round: keep answering STOP until every joined worker has left, or `timeout`."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self.workers and not self._stopping.is_set():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(min(0.25, remaining))
+                self._reap_dead_workers()
+            return not self.workers
+
     # ------------------------------------------------------------------------------------ bookkeeping
 
     def status(self) -> dict[str, Any]:
@@ -457,23 +470,31 @@ class FederationServer:
     def _take_task(self, w: WorkerInfo) -> Task | None:
         if self.current is None or self.current.closed:
             return None
+        if w.task_id is not None:
+            # a worker runs one task at a time: asking for another means it gave up the one it held
+            held = self.current.tasks.get(w.task_id)
+            if held is not None and held.state == "assigned" and held.worker_id == w.worker_id:
+                held.state, held.worker_id = "queued", None
+                self.queue.append(held.task_id)
+            w.task_id = None
         for tid in self.queue:
             t = self.current.tasks[tid]
             if t.silo == w.silo:  # workers take simulated clients, a silo only its own task
                 self.queue.remove(tid)
                 t.state, t.worker_id = "assigned", w.worker_id
+                t.leases += 1
                 w.task_id = tid
                 self._m["pending_tasks"].set(len(self.queue))
                 return t
         return None
 
-    def reject(self, reason: str, detail: str, task: Task | None = None, late: bool = False) -> pb.SubmitReply:
-        self.metrics.updates.labels(**self._lv, outcome="late" if late else "rejected").inc()
-        self.metrics.rejections.labels(**self._lv, reason=reason).inc()
-        log.warning("update rejected (%s): %s", reason, detail)
+    def reject(self, reason: str, detail: str, task: Task | None = None, late: bool = False,
+               lease: int | None = None) -> pb.SubmitReply:
         if task is not None:
             with self._cond:
-                if task.state == "assigned" and self.current and task.task_id in self.current.tasks:
+                same_lease = lease is None or lease == task.leases
+                if (same_lease and task.state == "assigned" and self.current
+                        and task.task_id in self.current.tasks):
                     task.attempts += 1
                     if task.attempts >= MAX_TASK_ATTEMPTS:
                         task.state = "dropped"
@@ -482,6 +503,9 @@ class FederationServer:
                         self.queue.append(task.task_id)
                     self._m["pending_tasks"].set(len(self.queue))
                     self._cond.notify_all()
+        self.metrics.updates.labels(**self._lv, outcome="late" if late else "rejected").inc()
+        self.metrics.rejections.labels(**self._lv, reason=reason).inc()
+        log.warning("update rejected (%s): %s", reason, detail)
         return pb.SubmitReply(accepted=False, reason=reason, detail=detail)
 
     def expected_samples(self, task: Task, w: WorkerInfo) -> int:
@@ -526,6 +550,7 @@ class FederationServer:
             want = self.expected_samples(task, w)
             if not 0 < h.num_samples <= max(want, 1):
                 return self.reject("malformed", f"num_samples {h.num_samples} is outside 1..{want}", task)
+            lease = task.leases
         try:
             asm = BlobAssembler(h.tensors, h.total_bytes, self.layout, max_chunk_bytes=self.max_message)
             for msg in messages:
@@ -534,15 +559,15 @@ class FederationServer:
                 asm.add(msg.chunk)
             params = asm.finish()
         except Rejected as exc:
-            return self.reject(exc.reason, exc.detail, task)
+            return self.reject(exc.reason, exc.detail, task, lease=lease)
         except grpc.RpcError:
             # the client went away mid-upload, or sent a message above gRPC's hard limit (it then got
             # RESOURCE_EXHAUSTED); either way nothing of it was used
-            return self.reject("aborted", "the update stream broke off before its end", task)
+            return self.reject("aborted", "the update stream broke off before its end", task, lease=lease)
         self._m["bytes_received"].inc(h.total_bytes)
         self.bytes_received += h.total_bytes
         with self._cond:
-            if cur.closed or task.state != "assigned" or task.worker_id != w.worker_id:
+            if cur.closed or task.state != "assigned" or task.worker_id != w.worker_id or task.leases != lease:
                 self.metrics.updates.labels(**self._lv, outcome="late").inc()
                 return pb.SubmitReply(accepted=False, reason="late", detail="the round closed before the update")
             cur.accumulator.add(params, float(h.num_samples))
@@ -676,6 +701,6 @@ def main(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, _on_signal)
     code = server.run()
     if args.linger_seconds > 0 and not server._stopping.is_set():
-        server._stopping.wait(args.linger_seconds)
+        server.wait_for_workers_to_leave(args.linger_seconds)
     server.stop()
     return code

@@ -1,0 +1,453 @@
+"""What each kopf handler does, step by step: parse, build (children.py), apply (kube.py), report
+(status.py). `handlers.py` only registers these with kopf.
+
+Errors follow kopf's contract: an invalid spec is `kopf.PermanentError` (after a condition and a Warning
+event, before any child exists); something not ready yet is `kopf.TemporaryError(delay=...)`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import aiohttp
+import kopf
+from pydantic import BaseModel, ValidationError
+
+from federator.api.crd import MAX_NAME_LENGTH
+from federator.api.manifest import format_validation_error
+from federator.api.models import API_VERSION, FederatedClient, Federation
+from federator.operator import children, secrets, status
+from federator.operator.kube import ApiError, ForeignObjectError, Kube, covers, is_managed
+
+FILE_DATASETS = ("npz", "csv", "imagefolder")
+
+
+@dataclasses.dataclass
+class OperatorConfig:
+    """Knobs of the operator (environment variables in brackets)."""
+
+    status_interval: float = 15.0  # seconds between reads of a server's /status [FEDERATOR_STATUS_INTERVAL]
+    # where a server's /status is [FEDERATOR_STATUS_URL_TEMPLATE]; {name} {namespace} {port}
+    status_url_template: str = "http://{name}-server.{namespace}.svc:{port}/status"
+    status_timeout: float = 5.0  # [FEDERATOR_STATUS_TIMEOUT]
+    startup_grace: float = 180.0  # a new server may not answer for this long [FEDERATOR_STARTUP_GRACE]
+    retry_delay: float = 15.0  # delay of TemporaryError retries [FEDERATOR_RETRY_DELAY]
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorConfig:
+        env = os.environ if env is None else env
+        base = cls()
+        return cls(
+            status_interval=float(env.get("FEDERATOR_STATUS_INTERVAL", base.status_interval)),
+            status_url_template=env.get("FEDERATOR_STATUS_URL_TEMPLATE", base.status_url_template),
+            status_timeout=float(env.get("FEDERATOR_STATUS_TIMEOUT", base.status_timeout)),
+            startup_grace=float(env.get("FEDERATOR_STARTUP_GRACE", base.startup_grace)),
+            retry_delay=float(env.get("FEDERATOR_RETRY_DELAY", base.retry_delay)),
+        )
+
+    def status_url(self, name: str, namespace: str, port: int) -> str:
+        return self.status_url_template.format(name=name, namespace=namespace, port=port)
+
+
+def utcnow() -> str:
+    return status.format_time(datetime.datetime.now(datetime.UTC))
+
+
+# ------------------------------------------------------------------------------------------ parsing
+
+
+class InvalidSpec(ValueError):
+    """A spec the operator cannot serve; the message names each field."""
+
+
+def _manifest(body: Mapping[str, Any]) -> dict[str, Any]:
+    meta = body.get("metadata") or {}
+    return {
+        "apiVersion": body.get("apiVersion"),
+        "kind": body.get("kind"),
+        "metadata": {k: meta[k] for k in ("name", "namespace", "labels", "annotations") if k in meta},
+        "spec": dict(body.get("spec") or {}),
+    }
+
+
+def _validate(model: type[Federation | FederatedClient], body: Mapping[str, Any]) -> Any:
+    try:
+        obj = model.model_validate(_manifest(body))
+    except ValidationError as exc:
+        raise InvalidSpec("; ".join(format_validation_error(exc))) from None
+    problems = []
+    if len(obj.metadata.name) > MAX_NAME_LENGTH:
+        problems.append(f"metadata.name: at most {MAX_NAME_LENGTH} characters (children append suffixes)")
+    if problems:
+        raise InvalidSpec("; ".join(problems))
+    return obj
+
+
+def parse_federation(body: Mapping[str, Any]) -> Federation:
+    """Everything the CRD schema checks, and what it cannot: what a cluster cannot serve."""
+    fed: Federation = _validate(Federation, body)
+    data = fed.spec.data
+    if data.dataset in FILE_DATASETS and data.path is not None and not data.path.startswith("/"):
+        raise InvalidSpec(
+            f"spec.data.path: must be an absolute path inside the runtime image in a cluster "
+            f"(got {data.path!r}); silos bring their own data with FederatedClient")
+    return fed
+
+
+def parse_client(body: Mapping[str, Any]) -> FederatedClient:
+    client: FederatedClient = _validate(FederatedClient, body)
+    return client
+
+
+def _identity(body: Mapping[str, Any]) -> tuple[str, str, str, int | None]:
+    meta = body["metadata"]
+    return meta["name"], meta["namespace"], meta.get("uid", ""), meta.get("generation")
+
+
+# ------------------------------------------------------------------------------------------- status
+
+
+def _status_lock(memo: Any) -> asyncio.Lock:
+    lock: asyncio.Lock | None = memo.get("status_lock")
+    if lock is None:
+        lock = memo["status_lock"] = asyncio.Lock()
+    return lock
+
+
+def _current_status(memo: Any, body: Mapping[str, Any]) -> dict[str, Any]:
+    """What this process last wrote, else what the object carries (after a restart)."""
+    last = memo.get("last_status")
+    return dict(last) if last is not None else dict(body.get("status") or {})
+
+
+async def write_status(
+    kube: Kube, memo: Any, body: Mapping[str, Any], new: BaseModel, *, kind: str
+) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """Write the status if it changed; returns (old, new) when it did."""
+    name, ns, _, _ = _identity(body)
+    old = _current_status(memo, body)
+    dumped = status.dump(new)
+    if not status.changed(old, dumped):
+        return None
+    await kube.merge_patch(API_VERSION, kind, ns, name, {"status": dumped}, subresource="status")
+    memo["last_status"] = {**old, **dumped}
+    return old, dumped
+
+
+def _post(body: kopf.Body, events: list[status.Event]) -> None:
+    for event in events:
+        kopf.event(body, type=event.type, reason=event.reason, message=event.message)
+
+
+# -------------------------------------------------------------------------------------- credentials
+
+
+async def ensure_credentials(
+    kube: Kube, fed: Federation, uid: str, silos: list[str], *, prune: bool, attempts: int = 5
+) -> None:
+    """Create the Secret once; later only add (or, with prune, revoke) silo tokens. Optimistic lock."""
+    name, ns = fed.metadata.name, fed.metadata.namespace
+    owner = children.federation_owner(fed, uid)
+    for _ in range(attempts):
+        live = await kube.get("v1", "Secret", ns, children.secret_name(name))
+        if live is not None and not is_managed(live):
+            raise ForeignObjectError(f"Secret {ns}/{children.secret_name(name)} exists and is not managed by Federator")
+        existing = children.decode_secret_data(live)
+        wanted = secrets.desired_credentials(
+            existing, silos, dns_names=children.credential_dns_names(fed), prune=prune)
+        manifest = children.credentials_secret(fed, owner, wanted)
+        try:
+            if live is None:
+                await kube.create(manifest)
+                return
+            if covers(live, manifest) and set(live.get("data") or {}) == set(manifest["data"]):
+                return
+            removed = {k: None for k in (live.get("data") or {}) if k not in manifest["data"]}
+            patch = {
+                "metadata": {
+                    "resourceVersion": live["metadata"].get("resourceVersion"),
+                    "labels": manifest["metadata"]["labels"],
+                    "ownerReferences": manifest["metadata"]["ownerReferences"],
+                },
+                "data": {**manifest["data"], **removed},
+            }
+            await kube.merge_patch("v1", "Secret", ns, children.secret_name(name), patch)
+            return
+        except ApiError as exc:
+            if exc.status != 409:  # 409: someone wrote it since we read it; read again
+                raise
+    raise kopf.TemporaryError("the credentials Secret keeps changing under us", delay=1)
+
+
+async def revoke_silo(kube: Kube, namespace: str, federation: str, silo: str, attempts: int = 5) -> None:
+    """Drop a deleted FederatedClient's token from its federation's Secret (if both still exist)."""
+    for _ in range(attempts):
+        live = await kube.get("v1", "Secret", namespace, children.secret_name(federation))
+        if live is None or not is_managed(live):
+            return
+        existing = children.decode_secret_data(live)
+        if secrets.silo_token_key(silo) not in existing:
+            return
+        encoded = children.encode_secret_data(secrets.without_silo(existing, silo))
+        patch = {
+            "metadata": {"resourceVersion": live["metadata"].get("resourceVersion")},
+            "data": {**encoded, secrets.silo_token_key(silo): None},
+        }
+        try:
+            await kube.merge_patch("v1", "Secret", namespace, children.secret_name(federation), patch)
+            return
+        except ApiError as exc:
+            if exc.status != 409:
+                raise
+    raise kopf.TemporaryError("the credentials Secret keeps changing under us", delay=1)
+
+
+# --------------------------------------------------------------------------------------- federation
+
+
+async def _bound_clients(kube: Kube, namespace: str, federation: str) -> list[tuple[FederatedClient, str]]:
+    """The valid FederatedClients of a federation that are not being deleted, with their uids."""
+    out = []
+    for item in await kube.list(API_VERSION, "FederatedClient", namespace):
+        if ((item.get("spec") or {}).get("federationRef") or {}).get("name") != federation:
+            continue
+        if item["metadata"].get("deletionTimestamp"):
+            continue
+        try:
+            out.append((parse_client(item), item["metadata"].get("uid", "")))
+        except InvalidSpec:
+            continue  # its own handler reports it
+    return sorted(out, key=lambda pair: pair[0].metadata.name)
+
+
+async def service_monitor_api(kube: Kube, memo: Any) -> bool:
+    cached = memo.get("service_monitor_api")
+    if cached is None:
+        cached = await kube.has_resource(children.SERVICE_MONITOR_API, "servicemonitors")
+        memo["service_monitor_api"] = cached
+    return bool(cached)
+
+
+async def reconcile_federation(
+    *, kube: Kube, config: OperatorConfig, body: kopf.Body, memo: Any, logger: logging.Logger | Any
+) -> None:
+    """Make every child of a Federation match its spec (level-triggered: safe to run any time)."""
+    name, ns, uid, generation = _identity(body)
+    async with _status_lock(memo):
+        try:
+            fed = parse_federation(body)
+        except InvalidSpec as exc:
+            message = str(exc)
+            new = status.federation_invalid(
+                _current_status(memo, body), message, generation=generation, now=utcnow())
+            await write_status(kube, memo, body, new, kind="Federation")
+            kopf.warn(body, reason=status.INVALID_SPEC, message=message)
+            raise kopf.PermanentError(f"invalid spec: {message}") from None
+
+        silos = await _bound_clients(kube, ns, name)
+        try:
+            await ensure_credentials(kube, fed, uid, [c.metadata.name for c, _ in silos], prune=True)
+            desired = children.federation_children(fed, uid, service_monitor_api=await service_monitor_api(kube, memo))
+            outcomes = [await kube.apply(manifest) for manifest in desired.apply]
+            for client, client_uid in silos:
+                owner = children.client_owner(client, client_uid)
+                outcomes.append(await kube.apply(children.silo_deployment(client, owner, fed)))
+            pruned = [
+                ref for ref in desired.prune
+                if await kube.delete_if_managed(ref.api_version, ref.kind, ref.namespace, ref.name)
+            ]
+        except ForeignObjectError as exc:
+            kopf.warn(body, reason="NameConflict", message=str(exc))
+            raise kopf.TemporaryError(str(exc), delay=config.retry_delay) from None
+
+        changed = sum(o != "unchanged" for o in outcomes)
+        if changed or pruned:
+            logger.info(f"applied {changed} of {len(outcomes)} children, pruned {len(pruned)}")
+            kopf.info(body, reason="Reconciled",
+                      message=f"applied {changed} children" + (f", deleted {len(pruned)}" if pruned else ""))
+        new = status.federation_deployed(
+            _current_status(memo, body), generation=generation, rounds=fed.spec.rounds, now=utcnow())
+        await write_status(kube, memo, body, new, kind="Federation")
+
+
+async def _fetch(session: aiohttp.ClientSession, url: str, timeout: float) -> Any:
+    async with session.get(url, timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+        if resp.status != 200:
+            raise aiohttp.ClientResponseError(
+                resp.request_info, resp.history, status=resp.status, message=resp.reason or "")
+        return await resp.json(content_type=None)
+
+
+async def fetch_report(
+    session: aiohttp.ClientSession, config: OperatorConfig, fed: Federation
+) -> tuple[status.ServerReport | None, str | None, bool]:
+    """(report, error, bad_report): read a server's /status; never raises for network trouble."""
+    url = config.status_url(fed.metadata.name, fed.metadata.namespace, fed.spec.server.metricsPort)
+    try:
+        payload = await _fetch(session, url, config.status_timeout)
+    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        return None, f"{url}: {type(exc).__name__}: {exc}".rstrip(": "), False
+    try:
+        return status.parse_report(payload), None, False
+    except status.BadReport as exc:
+        return None, f"{url}: {exc}", True
+
+
+async def poll_federation(
+    *, kube: Kube, session: aiohttp.ClientSession, config: OperatorConfig, body: kopf.Body, memo: Any
+) -> None:
+    """One read of the server's /status, written to the Federation's status if anything changed."""
+    async with _status_lock(memo):
+        current = _current_status(memo, body)
+        if not status.should_poll(current):
+            return
+        try:
+            fed = parse_federation(body)
+        except InvalidSpec:
+            return
+    report, error, bad = await fetch_report(session, config, fed)
+    async with _status_lock(memo):
+        current = _current_status(memo, body)
+        now = utcnow()
+        if report is not None:
+            new = status.federation_observed(current, report, now=now)
+        else:
+            starting = status.in_startup_grace(current, now=now, grace_seconds=config.startup_grace)
+            new = status.federation_unreachable(current, error or "no answer", now=now, starting=starting,
+                                                bad_report=bad)
+        written = await write_status(kube, memo, body, new, kind="Federation")
+    if written is not None:
+        _post(body, status.federation_events(*written))
+
+
+async def status_loop(poll: Any, *, stopped: Any, interval: float, logger: logging.Logger | Any,
+                      closing: Any = lambda: False) -> None:
+    """Run `poll()` every `interval` seconds until kopf stops the daemon; errors are logged, never fatal.
+
+    `closing()` turns true when the operator's cleanup has begun: its HTTP sessions are going away, and a
+    daemon that kopf has not stopped yet must not spin on "Session is closed" until it is cancelled.
+    """
+    while not stopped and not closing():
+        try:
+            await poll()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a status daemon must outlive API hiccups
+            if stopped or closing():
+                break  # the operator is exiting and closed its sessions under us
+            logger.warning(f"status update failed: {type(exc).__name__}: {exc}")
+        await stopped.wait(interval)
+
+
+# --------------------------------------------------------------------------------- federated client
+
+
+async def reconcile_client(
+    *, kube: Kube, config: OperatorConfig, body: kopf.Body, memo: Any, logger: logging.Logger | Any
+) -> None:
+    """A FederatedClient's Deployment, bound to its Federation's server, token and config."""
+    name, ns, uid, generation = _identity(body)
+    async with _status_lock(memo):
+        try:
+            client = parse_client(body)
+        except InvalidSpec as exc:
+            message = str(exc)
+            new_invalid = status.client_invalid(_current_status(memo, body), message, generation=generation,
+                                                now=utcnow())
+            await write_status(kube, memo, body, new_invalid, kind="FederatedClient")
+            kopf.warn(body, reason=status.INVALID_SPEC, message=message)
+            raise kopf.PermanentError(f"invalid spec: {message}") from None
+
+        fed_name = client.spec.federationRef.name
+        fed_body = await kube.get(API_VERSION, "Federation", ns, fed_name)
+        waiting: tuple[str, str] | None = None
+        fed: Federation | None = None
+        if fed_body is None or fed_body["metadata"].get("deletionTimestamp"):
+            waiting = (status.FEDERATION_NOT_FOUND,
+                       f"Federation {fed_name!r} not found in namespace {ns!r}; waiting for it")
+        else:
+            try:
+                fed = parse_federation(fed_body)
+            except InvalidSpec as exc:
+                waiting = ("FederationInvalid", f"Federation {fed_name!r} is invalid: {exc}")
+        if waiting is not None or fed is None or fed_body is None:
+            reason, message = waiting or ("FederationInvalid", "")
+            new_wait = status.client_waiting(_current_status(memo, body), reason, message,
+                                             generation=generation, now=utcnow())
+            written = await write_status(kube, memo, body, new_wait, kind="FederatedClient")
+            if written is not None:
+                kopf.warn(body, reason=reason, message=message)
+            raise kopf.TemporaryError(message, delay=config.retry_delay)
+
+        await ensure_credentials(kube, fed, fed_body["metadata"].get("uid", ""), [name], prune=False)
+        manifest = children.silo_deployment(client, children.client_owner(client, uid), fed)
+        try:
+            outcome = await kube.apply(manifest)
+        except ForeignObjectError as exc:
+            kopf.warn(body, reason="NameConflict", message=str(exc))
+            raise kopf.TemporaryError(str(exc), delay=config.retry_delay) from None
+        if outcome != "unchanged":
+            kopf.info(body, reason="Reconciled", message=f"Deployment {manifest['metadata']['name']} {outcome}")
+        replicas = await _silo_replicas(kube, ns, name)
+        new = status.client_deployed(
+            _current_status(memo, body), generation=generation, selector=children.silo_selector(client, fed_name),
+            replicas=replicas, now=utcnow())
+        await write_status(kube, memo, body, new, kind="FederatedClient")
+
+
+async def _silo_replicas(kube: Kube, namespace: str, client: str) -> int:
+    dep = await kube.get("apps/v1", "Deployment", namespace, children.silo_name(client))
+    return int(((dep or {}).get("status") or {}).get("replicas") or 0)
+
+
+async def poll_client(
+    *, kube: Kube, session: aiohttp.ClientSession, config: OperatorConfig, body: kopf.Body, memo: Any
+) -> None:
+    name, ns, _, generation = _identity(body)
+    try:
+        client = parse_client(body)
+    except InvalidSpec:
+        return
+    fed_name = client.spec.federationRef.name
+    fed_body = await kube.get(API_VERSION, "Federation", ns, fed_name)
+    now = utcnow()
+    new: BaseModel
+    if fed_body is None:
+        async with _status_lock(memo):
+            new = status.client_waiting(
+                _current_status(memo, body), status.FEDERATION_NOT_FOUND,
+                f"Federation {fed_name!r} not found in namespace {ns!r}; waiting for it",
+                generation=generation, now=now)
+            await write_status(kube, memo, body, new, kind="FederatedClient")
+        return
+    try:
+        fed = parse_federation(fed_body)
+    except InvalidSpec:
+        return
+    replicas = await _silo_replicas(kube, ns, name)
+    report, error, _ = await fetch_report(session, config, fed)
+    async with _status_lock(memo):
+        current = _current_status(memo, body)
+        if report is not None:
+            new = status.client_observed(current, report.silos.get(name), replicas=replicas, now=now)
+        else:
+            new = status.client_unreachable(current, error or "no answer", replicas=replicas, now=now)
+        new = new.model_copy(update={"selector": children.silo_selector(client, fed_name)})
+        written = await write_status(kube, memo, body, new, kind="FederatedClient")
+    if written is not None:
+        _post(body, status.client_events(*written))
+
+
+async def delete_client(*, kube: Kube, body: kopf.Body, logger: logging.Logger | Any) -> None:
+    """Revoke the silo's token; its Deployment goes with it through its ownerReference."""
+    name, ns, _, _ = _identity(body)
+    federation = ((body.get("spec") or {}).get("federationRef") or {}).get("name")
+    if federation:
+        await revoke_silo(kube, ns, str(federation), name)
+        logger.info(f"revoked the token of silo {name!r} in federation {federation!r}")

@@ -1,0 +1,475 @@
+"""The real kopf operator (in this event loop) against kmock's KubernetesEmulator over HTTP.
+
+The emulator keeps objects as given plus what `ApiServer` fills in (uid, resourceVersion, generation);
+garbage collection, `kubectl scale` and the server's `/status` are simulated by the tests themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import copy
+import json
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.helpers.kubeschema import validate_upstream
+from tests.integration.conftest import (
+    ApiServer,
+    FakeServers,
+    OperatorRunner,
+    eventually,
+    server_report,
+    settle,
+    writes,
+)
+
+pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(60)]
+
+NS = "default"
+FEDS = "federator.dev/v1alpha1/federations"
+FEDCS = "federator.dev/v1alpha1/federatedclients"
+FEDS_URL = f"/apis/federator.dev/v1alpha1/namespaces/{NS}/federations"
+FEDCS_URL = f"/apis/federator.dev/v1alpha1/namespaces/{NS}/federatedclients"
+CHILDREN = {
+    ("v1/configmaps", "demo-config"),
+    ("v1/secrets", "demo-credentials"),
+    ("v1/services", "demo-server"),
+    ("apps/v1/statefulsets", "demo-server"),
+    ("apps/v1/deployments", "demo-clients"),
+    ("policy/v1/poddisruptionbudgets", "demo-clients"),
+    ("networking.k8s.io/v1/networkpolicies", "demo-server"),
+}
+CHILD_PLURALS = {"configmaps", "secrets", "services", "statefulsets", "deployments", "poddisruptionbudgets",
+                 "networkpolicies", "horizontalpodautoscalers", "servicemonitors"}
+
+
+def federation(name: str = "demo", **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "federator.dev/v1alpha1", "kind": "Federation",
+        "metadata": {"name": name, "namespace": NS},
+        "spec": {"rounds": 5, "clients": {"count": 10, "perRound": 8, "workers": 2}, **spec},
+    }
+
+
+def federated_client(name: str = "hospital-a", federation: str = "demo", replicas: int = 1) -> dict[str, Any]:
+    return {
+        "apiVersion": "federator.dev/v1alpha1", "kind": "FederatedClient",
+        "metadata": {"name": name, "namespace": NS},
+        "spec": {"federationRef": {"name": federation}, "replicas": replicas,
+                 "data": {"volume": {"persistentVolumeClaim": f"data-{name}"}, "path": "train.npz"}},
+    }
+
+
+def live(api: ApiServer, resource: str, name: str) -> dict[str, Any] | None:
+    try:
+        obj = api.objects[resource, NS, name]
+    except KeyError:
+        return None
+    return None if obj.deleted else copy.deepcopy(obj.raw)
+
+
+def must(api: ApiServer, resource: str, name: str) -> dict[str, Any]:
+    obj = live(api, resource, name)
+    assert obj is not None, f"{resource} {name} does not exist"
+    return obj
+
+
+def condition(obj: dict[str, Any] | None, type_: str) -> dict[str, Any]:
+    for cond in ((obj or {}).get("status") or {}).get("conditions") or []:
+        if cond["type"] == type_:
+            return dict(cond)
+    return {}
+
+
+def events(api: ApiServer, name: str) -> list[dict[str, Any]]:
+    return [
+        r.data for r in api
+        if r.resource is not None and r.resource.plural == "events" and r.method == "POST"
+        and isinstance(r.data, dict) and r.data.get("involvedObject", {}).get("name") == name
+    ]
+
+
+def child_requests(api: ApiServer, since: int = 0) -> list[Any]:
+    return [r for r in list(api)[since:] if r.resource is not None and r.resource.plural in CHILD_PLURALS]
+
+
+def status_writes(api: ApiServer, since: int = 0) -> list[Any]:
+    return [r for r in writes(api)[since:] if r.subresource == "status"]
+
+
+async def create(api: ApiServer, url: str, body: dict[str, Any]) -> dict[str, Any]:
+    resp = await api.post(url, json=body)
+    assert resp.status < 300, await resp.text()
+    result: dict[str, Any] = await resp.json()
+    return result
+
+
+async def patch(api: ApiServer, url: str, body: dict[str, Any]) -> None:
+    resp = await api.patch(url, data=json.dumps(body), headers={"Content-Type": "application/merge-patch+json"})
+    assert resp.status < 300, await resp.text()
+
+
+# ----------------------------------------------------------------------------------------- creation
+
+
+async def test_a_federation_gets_every_child_valid_and_owned(
+    kube_api: ApiServer, run_operator: OperatorRunner, status_servers: FakeServers
+) -> None:
+    status_servers.set("demo", server_report("demo", phase="Pending", round=0, rounds=5))
+    async with run_operator():
+        fed = await create(kube_api, FEDS_URL, federation())
+        await eventually(lambda: all(live(kube_api, r, n) for r, n in CHILDREN), message="children")
+        await eventually(lambda: condition(live(kube_api, FEDS, "demo"), "Ready").get("status") == "True")
+        await settle(kube_api)
+
+    uid = fed["metadata"]["uid"]
+    for resource, name in sorted(CHILDREN):
+        obj = must(kube_api, resource, name)
+        validate_upstream(obj)
+        [owner] = obj["metadata"]["ownerReferences"]
+        assert (owner["kind"], owner["name"], owner["uid"]) == ("Federation", "demo", uid)
+        assert obj["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "federator"
+    config = yaml.safe_load(must(kube_api, "v1/configmaps", "demo-config")["data"]["federation.yaml"])
+    assert config["spec"]["rounds"] == 5 and config["metadata"]["name"] == "demo"
+    secret_keys = set(must(kube_api, "v1/secrets", "demo-credentials")["data"])
+    assert secret_keys == {"ca.crt", "tls.crt", "tls.key", "worker-token", "tokens"}
+    assert live(kube_api, "autoscaling/v2/horizontalpodautoscalers", "demo-clients") is None
+    assert live(kube_api, "apps/v1/deployments", "demo-server") is None  # checkpoint: a StatefulSet
+
+    obj = must(kube_api, FEDS, "demo")
+    assert obj["metadata"]["finalizers"] == ["federator.dev/finalizer"]
+    assert not any(k.startswith("kopf.zalando.org") for k in obj["metadata"].get("annotations", {}))
+    st = obj["status"]
+    assert (st["phase"], st["observedGeneration"], st["rounds"]) == ("Pending", 1, 5)
+    assert condition(obj, "Progressing")["reason"] == "WaitingForClients"
+    assert set(st) <= {"phase", "round", "rounds", "accuracy", "loss", "epsilon", "clients", "byzantineFlagged",
+                       "compressionRatio", "observedGeneration", "conditions"}  # nothing from kopf
+    assert any(e["reason"] == "Reconciled" for e in events(kube_api, "demo"))
+
+
+async def test_a_restarted_operator_adopts_without_writes(
+    kube_api: ApiServer, run_operator: OperatorRunner, status_servers: FakeServers
+) -> None:
+    status_servers.set("demo", server_report("demo"))
+    async with run_operator():
+        await create(kube_api, FEDS_URL, federation())
+        await eventually(lambda: (live(kube_api, FEDS, "demo") or {}).get("status", {}).get("phase") == "Running")
+        await settle(kube_api)
+    uids = {key: must(kube_api, *key)["metadata"]["uid"] for key in CHILDREN}
+    before_requests, before_writes = len(list(kube_api)), len(writes(kube_api))
+
+    async with run_operator():
+        await eventually(lambda: len(child_requests(kube_api, before_requests)) >= len(CHILDREN),
+                         message="the resumed reconcile reads the children")
+        await asyncio.sleep(0.5)  # several status polls
+        await settle(kube_api)
+
+    new_writes = writes(kube_api)[before_writes:]
+    assert [(w.method, str(w.url)) for w in new_writes
+            if w.resource is not None and w.resource.plural in CHILD_PLURALS] == []
+    assert status_writes(kube_api, before_writes) == []  # the status did not change, so it was not written
+    assert {key: must(kube_api, *key)["metadata"]["uid"] for key in CHILDREN} == uids
+
+
+async def test_a_spec_change_patches_children_in_place(
+    kube_api: ApiServer, run_operator: OperatorRunner, status_servers: FakeServers
+) -> None:
+    status_servers.set("demo", server_report("demo"))
+    async with run_operator():
+        await create(kube_api, FEDS_URL, federation())
+        await eventually(lambda: live(kube_api, "apps/v1/deployments", "demo-clients"))
+        await settle(kube_api)
+        uids = {key: must(kube_api, *key)["metadata"]["uid"] for key in CHILDREN}
+        hash_before = must(kube_api, "apps/v1/statefulsets", "demo-server")["spec"]["template"]["metadata"][
+            "annotations"]["federator.dev/config-hash"]
+        since = len(list(kube_api))
+
+        await patch(kube_api, f"{FEDS_URL}/demo", {"spec": {"rounds": 8, "clients": {"count": 12, "workers": 4}}})
+        await eventually(lambda: must(kube_api, "apps/v1/deployments", "demo-clients")["spec"]["replicas"] == 4)
+        await eventually(lambda: must(kube_api, FEDS, "demo")["status"]["observedGeneration"] == 2)
+        await settle(kube_api)
+
+    config = yaml.safe_load(must(kube_api, "v1/configmaps", "demo-config")["data"]["federation.yaml"])
+    assert (config["spec"]["rounds"], config["spec"]["clients"]["count"]) == (8, 12)
+    sts = must(kube_api, "apps/v1/statefulsets", "demo-server")
+    assert sts["spec"]["template"]["metadata"]["annotations"]["federator.dev/config-hash"] != hash_before
+    assert {key: must(kube_api, *key)["metadata"]["uid"] for key in CHILDREN} == uids  # patched, not recreated
+    changed = [r for r in child_requests(kube_api, since) if r.method != "GET"]
+    assert changed and {r.method for r in changed} == {"PATCH"}  # server-side apply; no DELETE, no POST
+
+
+async def test_toggles_add_and_prune_optional_children(
+    kube_api: ApiServer, run_operator: OperatorRunner, status_servers: FakeServers
+) -> None:
+    async with run_operator():
+        await create(kube_api, FEDS_URL, federation())
+        await eventually(lambda: live(kube_api, "apps/v1/statefulsets", "demo-server"))
+        await patch(kube_api, f"{FEDS_URL}/demo", {"spec": {
+            "clients": {"autoscaling": {"enabled": True, "minReplicas": 1, "maxReplicas": 6}},
+            "server": {"checkpoint": {"enabled": False}},
+        }})
+        await eventually(lambda: live(kube_api, "autoscaling/v2/horizontalpodautoscalers", "demo-clients"))
+        await eventually(lambda: live(kube_api, "apps/v1/deployments", "demo-server"))
+        await eventually(lambda: live(kube_api, "apps/v1/statefulsets", "demo-server") is None)
+        hpa = must(kube_api, "autoscaling/v2/horizontalpodautoscalers", "demo-clients")
+        validate_upstream(hpa)
+        assert hpa["spec"]["metrics"][0]["object"]["metric"]["name"] == "federator_pending_tasks"
+        await patch(kube_api, f"{FEDS_URL}/demo", {"spec": {"clients": {"autoscaling": {"enabled": False}}}})
+        await eventually(lambda: live(kube_api, "autoscaling/v2/horizontalpodautoscalers", "demo-clients") is None)
+        await settle(kube_api)
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+
+@pytest.mark.parametrize(("spec", "name", "field"), [
+    ({"rounds": 5, "clients": {"count": 10, "perRound": 20}}, "demo", "spec.clients"),
+    ({"rounds": 5, "data": {"dataset": "npz", "path": "train.npz"}}, "demo", "spec.data.path"),
+    ({"rounds": 5}, "a" * 46, "metadata.name"),
+], ids=["per-round", "relative-path", "long-name"])
+async def test_an_invalid_spec_gets_a_condition_an_event_and_no_children(
+    kube_api: ApiServer, run_operator: OperatorRunner, spec: dict[str, Any], name: str, field: str
+) -> None:
+    async with run_operator():
+        doc = federation(name)
+        doc["spec"] = spec
+        await create(kube_api, FEDS_URL, doc)
+        await eventually(lambda: condition(live(kube_api, FEDS, name), "Ready").get("reason") == "InvalidSpec")
+        await eventually(lambda: any(e["reason"] == "InvalidSpec" for e in events(kube_api, name)))
+        await settle(kube_api)
+        ready = condition(live(kube_api, FEDS, name), "Ready")
+        assert ready["status"] == "False" and ready["message"].startswith(field), ready["message"]
+        [event] = [e for e in events(kube_api, name) if e["reason"] == "InvalidSpec"]
+        assert event["type"] == "Warning" and field in event["message"]
+        assert child_requests(kube_api) == []  # not even a read: nothing partial
+        assert must(kube_api, FEDS, name)["status"]["observedGeneration"] == 1
+
+        if name == "demo":  # fixing the spec brings the children
+            await patch(kube_api, f"{FEDS_URL}/{name}", {"spec": {"clients": {"perRound": 5},
+                                                                  "data": {"dataset": "digits", "path": None}}})
+            await eventually(lambda: live(kube_api, "apps/v1/statefulsets", "demo-server"))
+            await eventually(lambda: condition(live(kube_api, FEDS, name), "Ready").get("reason") != "InvalidSpec")
+
+
+# --------------------------------------------------------------------------------------------- status
+
+
+async def test_the_server_status_drives_the_federation_status(
+    kube_api: ApiServer, run_operator: OperatorRunner, status_servers: FakeServers
+) -> None:
+    status_servers.set("demo", server_report("demo", phase="Running", round=3, epsilon=0.7, compressionRatio=8.0))
+    async with run_operator():
+        await create(kube_api, FEDS_URL, federation())
+        await eventually(lambda: (live(kube_api, FEDS, "demo") or {}).get("status", {}).get("round") == 3)
+        await settle(kube_api)
+        st = must(kube_api, FEDS, "demo")["status"]
+        assert {k: st[k] for k in ("phase", "round", "accuracy", "loss", "epsilon", "compressionRatio")} == {
+            "phase": "Running", "round": 3, "accuracy": 0.81, "loss": 0.52, "epsilon": 0.7, "compressionRatio": 8.0}
+        assert st["clients"] == {"ready": 2, "participants": 10}
+        assert condition(live(kube_api, FEDS, "demo"), "Progressing")["message"] == "round 3/5, accuracy 0.8100"
+
+        polls, status_count = status_servers.hits[(NS, "demo")], len(status_writes(kube_api))
+        await eventually(lambda: status_servers.hits[(NS, "demo")] >= polls + 3, message="polling goes on")
+        assert len(status_writes(kube_api)) == status_count  # unchanged status, no write
+
+        status_servers.set("demo", server_report("demo", phase="Succeeded", round=15, accuracy=0.93))
+        await eventually(lambda: must(kube_api, FEDS, "demo")["status"]["phase"] == "Succeeded")
+        await eventually(lambda: any(e["reason"] == "Succeeded" for e in events(kube_api, "demo")))
+    [done] = [e for e in events(kube_api, "demo") if e["reason"] == "Succeeded"]
+    assert done["message"] == "phase Running -> Succeeded after 15 rounds, accuracy 0.9300"
+    assert any(e["reason"] == "Running" for e in events(kube_api, "demo"))
+    assert condition(live(kube_api, FEDS, "demo"), "Progressing")["reason"] == "Completed"
+
+
+async def test_an_unreachable_server_degrades_and_never_crashes_the_operator(
+    kube_api: ApiServer, run_operator: OperatorRunner, status_servers: FakeServers
+) -> None:
+    status_servers.set("demo", server_report("demo"))
+    async with run_operator():
+        await create(kube_api, FEDS_URL, federation())
+        await eventually(lambda: (live(kube_api, FEDS, "demo") or {}).get("status", {}).get("phase") == "Running")
+
+        status_servers.down("demo")
+        await eventually(lambda: condition(live(kube_api, FEDS, "demo"), "Degraded").get("status") == "True")
+        degraded = condition(live(kube_api, FEDS, "demo"), "Degraded")
+        assert degraded["reason"] == "ServerUnreachable" and "503" in degraded["message"]
+        assert must(kube_api, FEDS, "demo")["status"]["round"] == 3  # progress so far is kept
+        await eventually(lambda: any(e["reason"] == "ServerUnreachable" for e in events(kube_api, "demo")))
+
+        status_servers.set("demo", '{"phase": "Exploding"}')
+        await eventually(lambda: condition(live(kube_api, FEDS, "demo"), "Degraded").get("reason")
+                         == "BadServerStatus")
+
+        status_servers.set("demo", server_report("demo", round=4))
+        await eventually(lambda: condition(live(kube_api, FEDS, "demo"), "Degraded").get("status") == "False")
+        assert must(kube_api, FEDS, "demo")["status"]["round"] == 4
+
+
+async def test_deleting_a_federation_stops_its_status_and_releases_it(
+    kube_api: ApiServer, run_operator: OperatorRunner, status_servers: FakeServers
+) -> None:
+    status_servers.set("demo", server_report("demo"))
+    async with run_operator():
+        await create(kube_api, FEDS_URL, federation())
+        await eventually(lambda: (live(kube_api, FEDS, "demo") or {}).get("status", {}).get("phase") == "Running")
+        resp = await kube_api.delete(f"{FEDS_URL}/demo")
+        assert resp.status < 300
+        await eventually(lambda: live(kube_api, FEDS, "demo") is None, message="the finalizer is released")
+        hits = status_servers.hits[(NS, "demo")]
+        # garbage collection, as the API server would do it for ownerReferences
+        for resource, name in CHILDREN:
+            await kube_api.delete(f"/{'api' if resource.startswith('v1') else 'apis'}/"
+                                  f"{resource.rsplit('/', 1)[0]}/namespaces/{NS}/{resource.rsplit('/', 1)[1]}/{name}")
+        await asyncio.sleep(0.4)
+        assert status_servers.hits[(NS, "demo")] <= hits + 1  # the status daemon has stopped
+        await create(kube_api, FEDS_URL, federation("other"))  # and the operator still works
+        await eventually(lambda: live(kube_api, "apps/v1/statefulsets", "other-server"))
+        await settle(kube_api)
+
+
+# ------------------------------------------------------------------------------------ federated client
+
+
+async def test_a_federated_client_waits_joins_scales_and_is_revoked(
+    kube_api: ApiServer, run_operator: OperatorRunner, status_servers: FakeServers
+) -> None:
+    async with run_operator():
+        await create(kube_api, FEDCS_URL, federated_client())
+        await eventually(lambda: condition(live(kube_api, FEDCS, "hospital-a"), "Ready").get("reason")
+                         == "FederationNotFound")
+        assert "'demo' not found" in condition(live(kube_api, FEDCS, "hospital-a"), "Ready")["message"]
+        assert live(kube_api, "apps/v1/deployments", "hospital-a-silo") is None
+
+        status_servers.set("demo", server_report("demo", silos={
+            "hospital-a": {"joined": True, "roundsParticipated": 2, "lastUpdateTime": "2026-01-01T00:00:00Z",
+                           "flagged": False}}))
+        fed = await create(kube_api, FEDS_URL, federation())
+        silo = await eventually(lambda: live(kube_api, "apps/v1/deployments", "hospital-a-silo"))
+        validate_upstream(silo)
+        assert silo["metadata"]["ownerReferences"][0]["kind"] == "FederatedClient"
+        assert "--silo" in silo["spec"]["template"]["spec"]["containers"][0]["args"]
+        secret = await eventually(
+            lambda: (s := live(kube_api, "v1/secrets", "demo-credentials")) and "token-hospital-a" in s["data"] and s)
+        assert secret["metadata"]["ownerReferences"][0]["uid"] == fed["metadata"]["uid"]
+        client = await eventually(lambda: (c := live(kube_api, FEDCS, "hospital-a")) and c["status"].get("joined")
+                                  and c)
+        assert client["status"]["selector"].startswith("app.kubernetes.io/component=silo,")
+        assert client["status"]["roundsParticipated"] == 2
+        assert condition(client, "Ready")["reason"] == "Joined"
+
+        # `kubectl scale fedc hospital-a --replicas=3` (the /scale subresource writes spec.replicas)
+        uid = silo["metadata"]["uid"]
+        await patch(kube_api, f"{FEDCS_URL}/hospital-a/scale", {"spec": {"replicas": 3}})
+        await eventually(lambda: must(kube_api, "apps/v1/deployments", "hospital-a-silo")["spec"]["replicas"] == 3)
+        assert must(kube_api, "apps/v1/deployments", "hospital-a-silo")["metadata"]["uid"] == uid
+        # the Deployment controller reports its pods; /scale reads them back from status.replicas
+        await patch(kube_api, f"/apis/apps/v1/namespaces/{NS}/deployments/hospital-a-silo/status",
+                    {"status": {"replicas": 3, "readyReplicas": 3}})
+        await eventually(lambda: must(kube_api, FEDCS, "hospital-a")["status"]["replicas"] == 3)
+
+        resp = await kube_api.delete(f"{FEDCS_URL}/hospital-a")
+        assert resp.status < 300
+        await eventually(lambda: live(kube_api, FEDCS, "hospital-a") is None)
+        secret = must(kube_api, "v1/secrets", "demo-credentials")
+        assert "token-hospital-a" not in secret["data"]
+        await settle(kube_api)
+
+
+async def test_the_federation_adds_tokens_for_its_clients(
+    kube_api: ApiServer, run_operator: OperatorRunner
+) -> None:
+    async with run_operator():
+        await create(kube_api, FEDCS_URL, federated_client("a"))
+        await create(kube_api, FEDCS_URL, federated_client("b"))
+        await create(kube_api, FEDCS_URL, federated_client("other", federation="elsewhere"))
+        await create(kube_api, FEDS_URL, federation())
+        await eventually(lambda: live(kube_api, "apps/v1/deployments", "a-silo")
+                         and live(kube_api, "apps/v1/deployments", "b-silo"))
+        # ("other" waits for its Federation, retrying: the operator is never quiet here)
+        data = await eventually(lambda: (s := live(kube_api, "v1/secrets", "demo-credentials"))
+                                and {"token-a", "token-b"} <= set(s["data"]) and s["data"])
+        assert condition(live(kube_api, FEDCS, "other"), "Ready")["reason"] == "FederationNotFound"
+
+    assert {"token-a", "token-b"} <= set(data) and "token-other" not in data
+    tokens = base64.b64decode(data["tokens"]).decode().split()
+    assert len(tokens) == 3 == len(set(tokens))
+    silo_a = base64.b64decode(data["token-a"]).decode()
+    assert f"silo:a={silo_a}" in tokens  # bound to its silo, as the server reads it
+    assert live(kube_api, "apps/v1/deployments", "other-silo") is None
+
+
+# ------------------------------------------------------------------------------------------- kube.py
+
+
+async def test_kube_applies_once_and_never_touches_foreign_objects(kube_api: ApiServer, kubeconfig: Any) -> None:
+    from federator.operator.kube import ForeignObjectError, Kube, covers
+
+    kube = Kube.from_environment()
+    try:
+        cm: dict[str, Any] = {"apiVersion": "v1", "kind": "ConfigMap",
+              "metadata": {"name": "x", "namespace": NS, "labels": {"app.kubernetes.io/managed-by": "federator"}},
+              "data": {"a": "1"}}
+        assert await kube.apply(cm) == "applied"
+        assert await kube.apply(cm) == "unchanged"
+        assert kube.requests == {"GET": 2, "PATCH": 1}
+        assert await kube.apply({**cm, "data": {"a": "2"}}) == "applied"
+        assert must(kube_api, "v1/configmaps", "x")["data"] == {"a": "2"}
+
+        await create(kube_api, f"/api/v1/namespaces/{NS}/configmaps",
+                     {"metadata": {"name": "theirs", "namespace": NS}, "data": {"b": "1"}})
+        with pytest.raises(ForeignObjectError):
+            await kube.apply({**cm, "metadata": {**cm["metadata"], "name": "theirs"}})
+        assert not await kube.delete_if_managed("v1", "ConfigMap", NS, "theirs")
+        assert must(kube_api, "v1/configmaps", "theirs")["data"] == {"b": "1"}
+        assert await kube.delete_if_managed("v1", "ConfigMap", NS, "x")
+        assert await kube.get("v1", "ConfigMap", NS, "x") is None
+        assert not await kube.has_resource("monitoring.coreos.com/v1", "servicemonitors")
+        assert await kube.has_resource("federator.dev/v1alpha1", "federations")
+    finally:
+        await kube.close()
+    assert covers({"a": [1, {"b": 2, "c": 3}], "d": 1.0}, {"a": [1, {"b": 2}], "d": 1})
+    assert not covers({"a": [1]}, {"a": [1, 2]})
+    assert not covers({"a": True}, {"a": 1})
+
+
+async def test_the_federator_operator_command_runs_the_operator(kube_api: ApiServer, kubeconfig: Any) -> None:
+    """`federator operator` as a process (kubeconfig from $KUBECONFIG), with its liveness endpoint.
+
+    (`--namespace` is not tried here: kmock 0.8 cannot parse `GET /api/v1/namespaces`, which kopf lists.)
+    """
+    import os
+    import socket
+    import sys
+
+    import aiohttp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    await create(kube_api, FEDS_URL, federation())
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "federator", "operator", "--all-namespaces", "--liveness", f"http://127.0.0.1:{port}/healthz",
+        env={**os.environ, "FEDERATOR_STATUS_INTERVAL": "0.2"},
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    try:
+        await eventually(lambda: live(kube_api, "apps/v1/statefulsets", "demo-server"), timeout=20)
+        async with aiohttp.ClientSession() as session:
+            async def healthy() -> bool:
+                try:
+                    async with session.get(f"http://127.0.0.1:{port}/healthz") as resp:
+                        return resp.status == 200
+                except aiohttp.ClientError:
+                    return False
+            for _ in range(100):
+                if await healthy():
+                    break
+                await asyncio.sleep(0.1)
+            assert await healthy()
+    finally:
+        proc.terminate()
+        _, err = await asyncio.wait_for(proc.communicate(), timeout=20)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    assert "Traceback" not in err.decode()
