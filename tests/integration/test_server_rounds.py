@@ -78,7 +78,6 @@ def test_round_without_enough_clients_is_retried_then_fails_with_the_reason(tmp_
             time.sleep(0.2)
 
     threading.Thread(target=beat, daemon=True).start()
-    started = time.monotonic()
     try:
         code = server.run()
     finally:
@@ -87,5 +86,4 @@ def test_round_without_enough_clients_is_retried_then_fails_with_the_reason(tmp_
     assert server.phase == "Failed" and server.completed == 0
     assert "round 1 got fewer than clients.minPerRound=2" in server.message
     assert "in 3 attempts" in server.message
-    assert time.monotonic() - started < 20
     assert server.status()["phase"] == "Failed" and server.status()["message"] == server.message
