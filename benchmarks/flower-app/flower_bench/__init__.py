@@ -1,0 +1,1 @@
+"""Flower app for the Federator-vs-Flower benchmark (the same task as Federator's quickstart)."""

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Benchmarks against peers; writes docs/benchmarks.md and its plots. Called by `make bench`.
+#   benchmarks/run.sh                      # everything (about 10 minutes on 2 cores)
+#   benchmarks/run.sh --only quickstart    # arguments go to benchmarks/bench_flower.py (see --help)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON="${PYTHON:-python3.11}"
+VENV="${VENV:-.venv}"
+BENCH_VENV="${BENCH_VENV:-.venv-bench}"
+PIP_FLAGS=(--quiet --disable-pip-version-check --constraint constraints.txt)
+
+# Federator and the harness: the project's virtualenv (created by `make install` when missing).
+if [[ ! -x "$VENV/bin/federator" ]]; then
+  make install PYTHON="$PYTHON" VENV="$VENV"
+fi
+
+# Flower: its own virtualenv, (re)installed when benchmarks/requirements.txt changes.
+stamp="$BENCH_VENV/.installed"
+if [[ ! -f "$stamp" || benchmarks/requirements.txt -nt "$stamp" || constraints.txt -nt "$stamp" ]]; then
+  echo "creating $BENCH_VENV (Flower) from benchmarks/requirements.txt"
+  "$PYTHON" -m venv "$BENCH_VENV"
+  "$BENCH_VENV/bin/python" -m pip install "${PIP_FLAGS[@]}" --upgrade pip
+  "$BENCH_VENV/bin/python" -m pip install "${PIP_FLAGS[@]}" -r benchmarks/requirements.txt
+  touch "$stamp"
+fi
+
+exec "$VENV/bin/python" benchmarks/bench_flower.py --federator "$VENV/bin/federator" --bench-venv "$BENCH_VENV" "$@"
