@@ -2,6 +2,7 @@
 # Benchmarks against peers; writes docs/benchmarks.md and its plots. Called by `make bench`.
 #   benchmarks/run.sh                      # everything (about 10 minutes on 2 cores)
 #   benchmarks/run.sh --only quickstart    # arguments go to benchmarks/bench_flower.py (see --help)
+#   benchmarks/run.sh operator --count 100 # only the operator reconciling Federations against kmock
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,4 +26,11 @@ if [[ ! -f "$stamp" || benchmarks/requirements.txt -nt "$stamp" || constraints.t
   touch "$stamp"
 fi
 
-exec "$VENV/bin/python" benchmarks/bench_flower.py --federator "$VENV/bin/federator" --bench-venv "$BENCH_VENV" "$@"
+# The operator against kmock: no peer, no extra virtualenv.
+if [[ "${1:-}" == "operator" ]]; then
+  exec "$VENV/bin/python" benchmarks/operator_reconcile.py "${@:2}"
+fi
+"$VENV/bin/python" benchmarks/bench_flower.py --federator "$VENV/bin/federator" --bench-venv "$BENCH_VENV" "$@"
+if [[ $# -eq 0 ]]; then
+  "$VENV/bin/python" benchmarks/operator_reconcile.py
+fi

@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -96,6 +97,16 @@ class LocalRun:
                 return doc
         except OSError:
             return None
+
+    def wait_clients(self, timeout: float) -> bool:
+        """Give the workers `timeout` seconds to exit by themselves (after the server's STOP)."""
+        deadline = time.monotonic() + timeout
+        for p in self.clients:
+            try:
+                p.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                return False
+        return True
 
     def stop(self, grace: float = 5.0) -> None:
         procs = [p for p in [self.server, *self.clients] if p is not None and p.poll() is None]
@@ -195,6 +206,29 @@ def write_results(run: LocalRun) -> dict[str, Any]:
     return doc
 
 
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def _interrupt_on_signals() -> dict[int, Any]:
+    """Ctrl-C and SIGTERM stop the run and every process it started.
+
+    Set explicitly: a shell starts background jobs with SIGINT ignored, and Python then leaves it
+    ignored, so `federator run ... &` followed by `kill -INT` would otherwise orphan the workers.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    previous: dict[int, Any] = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        previous[sig] = signal.signal(sig, _raise_interrupt)
+    return previous
+
+
+def _restore_signals(previous: dict[int, Any]) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+
+
 def run_local(manifest: Path, out: Path, workers: int | None = None, resume: bool = False,
               quiet: bool = False) -> int:
     fed = load_federation(manifest)
@@ -209,10 +243,13 @@ def run_local(manifest: Path, out: Path, workers: int | None = None, resume: boo
     run = LocalRun(manifest=manifest, fed=fed, out=out, workers=workers or fed.spec.clients.workers)
     run.launched_at = time.time()
     interrupted = False
+    previous = _interrupt_on_signals()
     try:
         run.start_server()
         run.start_clients()
         last = follow(run, quiet)
+        if run.server is not None and run.server.returncode == 0:
+            run.wait_clients(10.0)  # they got STOP; let them leave cleanly before anything is signalled
     except KeyboardInterrupt:
         interrupted = True
         last = None
@@ -222,6 +259,7 @@ def run_local(manifest: Path, out: Path, workers: int | None = None, resume: boo
         return 1
     finally:
         run.stop()
+        _restore_signals(previous)
     if interrupted:
         print(f"interrupted; every process stopped. Resume with: federator run {manifest} --out {out} --resume",
               file=sys.stderr)

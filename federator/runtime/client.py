@@ -55,8 +55,12 @@ class Joined:
 
 def grpc_channel_options(max_message_mib: int) -> list[tuple[str, int]]:
     size = max_message_mib * MiB
+    # gRPC's own reconnect backoff grows to 120 s by default, and while it waits every call fails at once
+    # with UNAVAILABLE: a worker would sit out a restarted server's remaining rounds. Cap it like ours.
     return [("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size),
-            ("grpc.keepalive_time_ms", 30_000), ("grpc.enable_retries", 0)]
+            ("grpc.keepalive_time_ms", 30_000), ("grpc.enable_retries", 0),
+            ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 2_000)]
 
 
 class Worker:
