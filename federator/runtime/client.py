@@ -33,7 +33,7 @@ from federator.runtime.models import build_model
 from federator.runtime.proto import federator_pb2 as pb
 from federator.runtime.proto import federator_pb2_grpc as pb_grpc
 from federator.runtime.training import Params, get_params, set_params, train_local
-from federator.runtime.transport import BlobAssembler, encode, layout_from_specs
+from federator.runtime.transport import RECONNECT_BACKOFF_MAX, BlobAssembler, encode, layout_from_specs
 
 log = logging.getLogger("federator.client")
 
@@ -60,7 +60,7 @@ def grpc_channel_options(max_message_mib: int) -> list[tuple[str, int]]:
     return [("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size),
             ("grpc.keepalive_time_ms", 30_000), ("grpc.enable_retries", 0),
             ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
-            ("grpc.max_reconnect_backoff_ms", 2_000)]
+            ("grpc.max_reconnect_backoff_ms", int(RECONNECT_BACKOFF_MAX * 1000))]
 
 
 class Worker:
@@ -132,7 +132,7 @@ class Worker:
                     return 1
                 log.info("server %s unavailable (%s); retrying in %.1fs", self.server, code, backoff)
                 self._stop.wait(backoff)
-                backoff = min(backoff * 2, 2.0)
+                backoff = min(backoff * 2, RECONNECT_BACKOFF_MAX)
         return 1
 
     def _join(self) -> Joined:

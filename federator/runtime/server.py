@@ -40,7 +40,15 @@ from federator.runtime.models import build_model, count_parameters
 from federator.runtime.proto import federator_pb2 as pb
 from federator.runtime.proto import federator_pb2_grpc as pb_grpc
 from federator.runtime.training import Params, evaluate, get_params, set_params
-from federator.runtime.transport import DEFAULT_CHUNK_BYTES, BlobAssembler, Encoded, Layout, Rejected, encode
+from federator.runtime.transport import (
+    DEFAULT_CHUNK_BYTES,
+    RECONNECT_BACKOFF_MAX,
+    BlobAssembler,
+    Encoded,
+    Layout,
+    Rejected,
+    encode,
+)
 
 log = logging.getLogger("federator.server")
 
@@ -119,6 +127,7 @@ class FederationServer:
         self.opt_state = ServerOptimizerState()
         self.history: list[dict[str, Any]] = []
         self.completed = 0
+        self.resumed = False  # True when this process continued a run from its checkpoint
         self.run_id = secrets.token_hex(8)
         self.phase = "Pending"
         self.message = ""
@@ -182,6 +191,7 @@ class FederationServer:
         self.history = [dict(h) for h in state["history"]]
         self.completed = int(state["completed_round"])
         self.run_id = str(state["run_id"])
+        self.resumed = True
         log.info("resumed from checkpoint: %d of %d rounds completed", self.completed, self.spec.rounds)
 
     def start(self) -> FederationServer:
@@ -366,10 +376,16 @@ class FederationServer:
         }
 
     def wait_for_workers_to_leave(self, timeout: float) -> bool:
-        """After the last round: keep answering STOP until every joined worker has left, or `timeout`."""
-        deadline = time.monotonic() + timeout
+        """After the last round: keep answering STOP until every joined worker has left, or `timeout`.
+
+        A resumed server lingers a little longer in any case: a worker that lost the previous server and is
+        waiting out its reconnect backoff has not joined yet, and must still learn the federation is over.
+        """
+        start = time.monotonic()
+        deadline = start + timeout
+        floor = start + (min(RECONNECT_BACKOFF_MAX + 1.0, timeout) if self.resumed else 0.0)
         with self._cond:
-            while self.workers and not self._stopping.is_set():
+            while (self.workers or time.monotonic() < floor) and not self._stopping.is_set():
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False

@@ -21,6 +21,8 @@ from federator.runtime.proto import federator_pb2 as pb
 Params = dict[str, torch.Tensor]
 
 DEFAULT_CHUNK_BYTES = 1 << 20
+# A worker that lost the server retries at most this far apart; the server lingers at least this long.
+RECONNECT_BACKOFF_MAX = 2.0
 
 # torch dtype <-> wire name (numpy's names; bfloat16 has no numpy type and travels as raw 2-byte words)
 _TORCH_BY_NAME: dict[str, torch.dtype] = {
