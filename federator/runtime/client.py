@@ -227,7 +227,7 @@ class Worker:
                              global_params=params if self.spec.training.proximalMu > 0 else None)
         self.metrics.train_seconds.labels(client=header.client_id).observe(result.seconds)
         self.metrics.samples.labels(client=header.client_id).inc(result.num_samples)
-        enc = encode(get_params(model))
+        enc = encode(get_params(model), joined.chunk_bytes)
         update_header = pb.UpdateHeader(
             token=self.token, worker_id=joined.worker_id, task_id=header.task_id, round=header.round,
             client_id=header.client_id, base_version=header.version, num_samples=result.num_samples,
@@ -237,7 +237,7 @@ class Worker:
 
         def messages() -> Iterator[pb.UpdateMessage]:
             yield pb.UpdateMessage(header=update_header)
-            for chunk in enc.chunks(joined.chunk_bytes):
+            for chunk in enc.chunks():
                 yield pb.UpdateMessage(chunk=chunk)
 
         reply = self._stub.SubmitUpdate(messages(), timeout=600)

@@ -125,6 +125,7 @@ class FederationServer:
         self.params: Params = get_params(self.model)
         self.layout = Layout.of(self.params)
         self.opt_state = ServerOptimizerState()
+        self.accumulator = FedAvgAccumulator()  # reused by every round (see FedAvgAccumulator.reset)
         self.history: list[dict[str, Any]] = []
         self.completed = 0
         self.resumed = False  # True when this process continued a run from its checkpoint
@@ -133,7 +134,7 @@ class FederationServer:
         self.message = ""
         self._resume()
         self.version = model_version(self.run_id, self.completed)
-        self.encoded: Encoded = encode(self.params)
+        self.encoded: Encoded = encode(self.params, self.chunk_bytes)
 
         self._cond = threading.Condition()
         self._stopping = threading.Event()
@@ -279,7 +280,8 @@ class FederationServer:
             for client_id, silo in sampled:
                 tid = f"r{rnd}a{attempt}-{client_id}"
                 tasks[tid] = Task(tid, rnd, client_id, silo, self.version)
-            self.current = RoundState(rnd, attempt, time.time(), tasks, FedAvgAccumulator())
+            self.accumulator.reset()  # under the lock: a late update of the last round cannot reach it
+            self.current = RoundState(rnd, attempt, time.time(), tasks, self.accumulator)
             self.queue.clear()
             self.queue.extend(tasks)
             self._m["pending_tasks"].set(len(self.queue))
@@ -331,7 +333,7 @@ class FederationServer:
             self.participants = accepted
             self.history.append(record)
             self.version = model_version(self.run_id, self.completed)
-            self.encoded = encode(self.params)
+            self.encoded = encode(self.params, self.chunk_bytes)
             self.current = None
         self._m["round"].set(rnd)
         self._m["rounds_total"].inc()
@@ -656,7 +658,7 @@ class _Servicer(pb_grpc.FederatorServicer):
             total_bytes=encoded.total_bytes if include else 0,
         ))
         if include:
-            for chunk in encoded.chunks(s.chunk_bytes):
+            for chunk in encoded.chunks():
                 yield pb.TaskMessage(chunk=chunk)
             s._m["bytes_sent"].inc(encoded.total_bytes)
             s.bytes_sent += encoded.total_bytes

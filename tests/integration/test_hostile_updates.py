@@ -234,10 +234,12 @@ def test_message_above_grpc_hard_limit_aborts_the_upload_only(server: Federation
     with pytest.raises(grpc.RpcError) as err:
         client.submit(messages(header, chunks))
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    # gRPC ends the server's side of the stream either with an error ("aborted") or, racing with the
+    # client's half-close, as if the client had stopped sending ("missing_chunks"): one rejection either way
     deadline = time.monotonic() + 10
-    while rejections(server, "aborted") < 1 and time.monotonic() < deadline:
+    while rejections(server, "aborted") + rejections(server, "missing_chunks") < 1 and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert rejections(server, "aborted") == 1
+    assert rejections(server, "aborted") + rejections(server, "missing_chunks") == 1
     assert all(torch.equal(before[k], server.params[k]) for k in before)
     task, params = client.task()  # requeued, and the server still serves
     assert client.submit(messages(*client.update(task, shifted(params, 0.5)))).accepted
@@ -256,9 +258,14 @@ def test_unknown_token_cannot_join(server: FederationServer) -> None:
 
 
 def test_crc_of_honest_chunks_is_checked_per_chunk() -> None:
-    """The wire format itself: chunk crc32 is of the chunk's bytes (guards the tamper cases above)."""
+    """The wire format itself (guards the tamper cases above): a chunk's crc32 runs over its tensor's bytes
+    up to the chunk's end, so flipping a byte breaks that chunk's check, and the last one is the tensor's."""
     enc = encode({"w": torch.arange(10_000, dtype=torch.float32)})
     chunks = list(enc.chunks(4096))
     assert len(chunks) == 10
-    assert all(zlib.crc32(c.data) == c.crc32 for c in chunks)
+    running = 0
+    for c in chunks:
+        running = zlib.crc32(c.data, running)
+        assert c.crc32 == running
+    assert chunks[-1].crc32 == enc.specs[0].crc32
     assert b"".join(c.data for c in chunks) == enc.blob

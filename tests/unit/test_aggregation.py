@@ -116,6 +116,25 @@ def test_accumulator_equals_weighted_average_exactly() -> None:
     _assert_same(acc.result(), weighted_average([*ups, ups[0]], [*weights, 1.0]))
 
 
+def test_accumulator_reset_reuses_buffers_and_forgets_the_previous_mean() -> None:
+    first, second = _updates(3, seed=5), _updates(4, seed=6)
+    acc = FedAvgAccumulator()
+    for u in first:
+        acc.add(u, 2.0)
+    buffers = {k: t.data_ptr() for k, t in acc._sums.items()}
+    acc.reset()
+    assert acc.count == 0 and acc.total_weight == 0.0
+    weights = [1.0, 5.0, 0.5, 9.0]
+    for u, w in zip(second, weights, strict=True):
+        acc.add(u, w)
+    _assert_same(acc.result(), weighted_average(second, weights))  # nothing of `first` left
+    assert {k: t.data_ptr() for k, t in acc._sums.items()} == buffers  # same memory, no new allocation
+    acc.reset()
+    other = {"z": torch.ones(3, dtype=torch.float32)}  # another layout after a reset: fresh buffers
+    acc.add(other, 1.0)
+    _assert_same(acc.result(), other)
+
+
 def test_accumulator_errors() -> None:
     acc = FedAvgAccumulator()
     with pytest.raises(ValueError, match="no updates"):

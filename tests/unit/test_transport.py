@@ -1,10 +1,13 @@
-"""The wire format: flat blob + TensorSpecs + checksummed chunks, validated before use."""
+"""The wire format: TensorSpecs + chunks with running crc32s, validated before use."""
 
 from __future__ import annotations
+
+import zlib
 
 import pytest
 import torch
 
+from federator.runtime.proto import federator_pb2 as pb
 from federator.runtime.transport import BlobAssembler, Layout, Rejected, decode, encode, layout_from_specs
 
 
@@ -84,3 +87,63 @@ def test_non_finite_values_in_any_float_dtype_are_rejected() -> None:
         with pytest.raises(Rejected) as err:
             decode(enc.specs, enc.total_bytes, list(enc.chunks()), Layout.of(p))
         assert err.value.reason == "non_finite"
+
+
+def test_empty_tensors_anywhere_round_trip() -> None:
+    p = {"e0": torch.empty(0), "w": torch.arange(6.0).reshape(2, 3), "e1": torch.empty(0, 4), "e2": torch.empty(0)}
+    enc = encode(p)
+    out = decode(enc.specs, enc.total_bytes, list(enc.chunks(8)), Layout.of(p))
+    assert [tuple(t.shape) for t in out.values()] == [(0,), (2, 3), (0, 4), (0,)]
+    assert torch.equal(out["w"], p["w"])
+
+
+def test_chunks_stay_inside_one_tensor_and_carry_its_running_crc32() -> None:
+    p = params()
+    enc = encode(p, chunk_bytes=100)
+    by_offset = {s.offset: s for s in enc.specs}
+    blob = enc.blob
+    for spec in enc.specs:
+        mine = [c for c in enc.chunks() if spec.offset <= c.offset < spec.offset + spec.nbytes]
+        assert b"".join(c.data for c in mine) == blob[spec.offset : spec.offset + spec.nbytes]
+        for c in mine:
+            assert c.offset + len(c.data) <= spec.offset + spec.nbytes  # never crosses into the next tensor
+            assert c.crc32 == zlib.crc32(blob[spec.offset : c.offset + len(c.data)])
+        assert mine[-1].crc32 == spec.crc32 == zlib.crc32(bytes(p[spec.name].view(-1).view(torch.uint8).numpy()))
+    assert set(by_offset) == {s.offset for s in enc.specs}
+
+
+def _assemble(enc_specs: list[pb.TensorSpec], chunks: list[pb.Chunk], p: dict[str, torch.Tensor]) -> None:
+    asm = BlobAssembler(enc_specs, sum(s.nbytes for s in enc_specs), Layout.of(p))
+    for c in chunks:
+        asm.add(c)
+    asm.finish()
+
+
+def test_flipped_byte_wrong_declared_crc_and_crossing_chunks_are_rejected() -> None:
+    p = {"a": torch.arange(64, dtype=torch.float32), "b": torch.arange(64, dtype=torch.float32)}
+    enc = encode(p, chunk_bytes=64)
+    chunks = list(enc.chunks())
+    flipped = bytearray(chunks[2].data)
+    flipped[3] ^= 0x01
+    bad = [*chunks[:2], pb.Chunk(offset=chunks[2].offset, data=bytes(flipped), crc32=chunks[2].crc32), *chunks[3:]]
+    with pytest.raises(Rejected) as err:
+        _assemble(list(enc.specs), bad, p)
+    assert err.value.reason == "corrupt_chunk"
+
+    specs = [pb.TensorSpec() for _ in enc.specs]
+    for new, old in zip(specs, enc.specs, strict=True):
+        new.CopyFrom(old)
+    specs[1].crc32 ^= 1  # every chunk consistent with its data; the tensor's declared crc32 is not
+    with pytest.raises(Rejected) as err:
+        _assemble(specs, chunks, p)
+    assert err.value.reason == "checksum_mismatch" and "b:" in err.value.detail
+
+    blob = enc.blob
+    crossing = pb.Chunk(offset=0, data=blob[:300], crc32=zlib.crc32(blob[:300]))  # a: 256 bytes, b: 256
+    with pytest.raises(Rejected) as err:
+        _assemble(list(enc.specs), [crossing], p)
+    assert err.value.reason == "malformed"
+
+    with pytest.raises(Rejected) as err:
+        _assemble(list(enc.specs), [pb.Chunk(offset=0, data=b"", crc32=0)], p)
+    assert err.value.reason == "malformed"
