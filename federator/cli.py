@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     scope.add_argument("--all-namespaces", "-A", action="store_true", help="watch every namespace (default)")
     op.add_argument("--liveness", default="http://0.0.0.0:8081/healthz", help="liveness endpoint URL")
     op.add_argument("--peering", default=None, help="kopf peering name for more than one replica (default: standalone)")
+    op.add_argument("--priority", type=int, default=None,
+                    help="peering priority: the highest live one works (default: random, so replicas never tie)")
     op.add_argument("--verbose", action="store_true")
     return parser
 

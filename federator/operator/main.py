@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import random
+from typing import Any
 
 import kopf
 
@@ -12,21 +14,32 @@ import federator.operator.handlers  # noqa: F401  (registers the handlers with k
 from federator.operator.reconcile import OperatorConfig
 
 
+def operator_options(namespaces: list[str] | None, peering: str | None, priority: int | None) -> dict[str, Any]:
+    """The arguments of `kopf.run` / `kopf.operator` for a scope and a peering choice.
+
+    One replica runs standalone. More replicas share a kopf peering object (its CRD, `ClusterKopfPeering`
+    or `KopfPeering` for a namespaced operator, must be installed): only the live replica with the
+    highest priority handles objects, the others wait and take over when its keep-alive expires. kopf
+    pauses *every* replica when the top priority is shared, so a replica without `--priority` draws a
+    random one: replicas of one Deployment then never tie.
+    """
+    scoped = list(namespaces or [])
+    options: dict[str, Any] = {"clusterwide": not scoped, "namespaces": scoped, "standalone": peering is None}
+    if peering is not None:
+        options["peering_name"] = peering
+        options["priority"] = priority if priority is not None else random.SystemRandom().randint(1, 1_000_000)
+    return options
+
+
 def main(args: argparse.Namespace) -> int:
     kopf.configure(verbose=bool(args.verbose), log_prefix=True)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
-    namespaces = list(args.namespace or [])
+    options = operator_options(args.namespace, args.peering, args.priority)
+    if not options["standalone"]:
+        logging.getLogger(__name__).info("peering %r with priority %d", args.peering, options["priority"])
     try:
-        kopf.run(
-            clusterwide=not namespaces,
-            namespaces=namespaces,
-            # One replica runs standalone; more replicas need kopf's peering CRD and a peering name,
-            # and then only the replica with the highest priority handles objects (leader election).
-            standalone=args.peering is None,
-            peering_name=args.peering,
-            liveness_endpoint=args.liveness or None,
-            memo=kopf.Memo(config=OperatorConfig.from_env()),
-        )
+        kopf.run(liveness_endpoint=args.liveness or None, memo=kopf.Memo(config=OperatorConfig.from_env()),
+                 **options)
     except (KeyboardInterrupt, asyncio.CancelledError):
         return 130
     return 0

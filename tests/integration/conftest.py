@@ -34,6 +34,7 @@ from kmock._internal import dicts as kmock_dicts
 from kmock._internal import enums as kmock_enums
 
 import federator.operator.handlers  # noqa: F401  (registers the handlers with kopf)
+from federator.operator.main import operator_options
 from federator.operator.reconcile import OperatorConfig
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -77,6 +78,24 @@ class ApiServer(kmock.KubernetesEmulator):
         meta["creationTimestamp"] = _now()
         if data.get("kind") in ("Federation", "FederatedClient"):
             data.pop("status", None)  # the status subresource ignores status on create
+
+    namespaces: tuple[str, ...] = ("default", "team-b")
+
+    async def __call__(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
+        # kmock 0.8 fails to parse the cluster-scoped `/api/v1/namespaces`, which kopf lists and watches
+        # when it is given namespaces: serve the list, and a watch that stays quiet.
+        if raw_request.path.rstrip("/") == "/api/v1/namespaces":
+            await raw_request.read()
+            if raw_request.query.get("watch") in ("true", "1"):
+                response = aiohttp.web.StreamResponse()
+                await response.prepare(raw_request)
+                await asyncio.sleep(3600)  # cancelled when kopf disconnects or the server stops
+                return response
+            return aiohttp.web.json_response({
+                "apiVersion": "v1", "kind": "NamespaceList", "metadata": {"resourceVersion": str(self._latest)},
+                "items": [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": n}} for n in self.namespaces],
+            })
+        return await super().__call__(raw_request)
 
     async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
         if request.resource is not None:
@@ -177,6 +196,11 @@ BACKBONE = {  # what kopf discovers before it starts: namespaces, CRDs, events
                                         verbs={"get", "list", "watch"}),
     "v1/events": kmock.ResourceInfo(kind="Event", singular="event", namespaced=True,
                                     verbs={"create", "get", "list", "watch"}),
+    # kopf's peering (leader election between replicas); its CRDs come with kopf
+    "kopf.dev/v1/clusterkopfpeerings": kmock.ResourceInfo(kind="ClusterKopfPeering", singular="clusterkopfpeering",
+                                                          namespaced=False, verbs={"get", "list", "watch", "patch"}),
+    "kopf.dev/v1/kopfpeerings": kmock.ResourceInfo(kind="KopfPeering", singular="kopfpeering", namespaced=True,
+                                                   verbs={"get", "list", "watch", "patch"}),
     "apiextensions.k8s.io/v1/customresourcedefinitions": kmock.ResourceInfo(
         kind="CustomResourceDefinition", singular="customresourcedefinition", namespaced=False,
         verbs={"get", "list", "watch"}),
@@ -292,7 +316,9 @@ def run_operator(kubeconfig: Path, status_servers: FakeServers) -> OperatorRunne
     """
 
     @asynccontextmanager
-    async def run(**config: Any) -> AsyncIterator[kopf.Memo]:
+    async def run(namespaces: list[str] | None = None, peering: str | None = None, priority: int | None = None,
+                  **config: Any) -> AsyncIterator[kopf.Memo]:
+        options = operator_options(namespaces, peering, priority)  # as `federator operator` passes them
         settings: dict[str, Any] = dict(
             status_interval=0.1, status_timeout=2.0, startup_grace=0.0, retry_delay=0.3,
             status_url_template=status_servers.url + "/{namespace}/{name}/status",
@@ -305,8 +331,7 @@ def run_operator(kubeconfig: Path, status_servers: FakeServers) -> OperatorRunne
         def target() -> None:
             try:
                 asyncio.run(kopf.operator(
-                    clusterwide=True, standalone=True, memo=memo, stop_flag=stop, ready_flag=ready,
-                    settings=kopf.OperatorSettings(),
+                    memo=memo, stop_flag=stop, ready_flag=ready, settings=kopf.OperatorSettings(), **options,
                 ))
             except BaseException as exc:  # reported to the test below
                 errors.append(exc)

@@ -436,10 +436,7 @@ async def test_kube_applies_once_and_never_touches_foreign_objects(kube_api: Api
 
 
 async def test_the_federator_operator_command_runs_the_operator(kube_api: ApiServer, kubeconfig: Any) -> None:
-    """`federator operator` as a process (kubeconfig from $KUBECONFIG), with its liveness endpoint.
-
-    (`--namespace` is not tried here: kmock 0.8 cannot parse `GET /api/v1/namespaces`, which kopf lists.)
-    """
+    """`federator operator` as a process (kubeconfig from $KUBECONFIG), with its liveness endpoint."""
     import os
     import socket
     import sys
@@ -473,3 +470,55 @@ async def test_the_federator_operator_command_runs_the_operator(kube_api: ApiSer
         _, err = await asyncio.wait_for(proc.communicate(), timeout=20)
     assert proc.returncode == 0, err.decode()[-2000:]
     assert "Traceback" not in err.decode()
+
+
+# ---------------------------------------------------------------------------------- scope and peering
+
+
+async def test_a_namespaced_operator_reconciles_only_its_namespaces(
+    kube_api: ApiServer, run_operator: OperatorRunner, status_servers: FakeServers
+) -> None:
+    status_servers.set("demo", server_report("demo", phase="Pending", round=0, rounds=5))
+    outside = federation("outside")
+    outside["metadata"]["namespace"] = "team-b"
+    async with run_operator(namespaces=[NS]):
+        await create(kube_api, FEDS_URL, federation())
+        await create(kube_api, "/apis/federator.dev/v1alpha1/namespaces/team-b/federations", outside)
+        await eventually(lambda: all(live(kube_api, r, n) for r, n in CHILDREN), message="children in default")
+        await settle(kube_api)
+    in_team_b = {(res.plural, name) for (res, ns, name) in kube_api.objects if ns == "team-b"}
+    assert in_team_b == {("federations", "outside")}  # no children there
+    untouched = kube_api.objects[FEDS, "team-b", "outside"].raw
+    assert "finalizers" not in untouched["metadata"] and "status" not in untouched
+
+
+PEERING_URL = "/apis/kopf.dev/v1/clusterkopfpeerings"
+
+
+async def test_a_replica_waits_while_a_higher_priority_peer_is_alive_and_takes_over_when_it_leaves(
+    kube_api: ApiServer, run_operator: OperatorRunner, status_servers: FakeServers
+) -> None:
+    import datetime
+
+    status_servers.set("demo", server_report("demo", phase="Pending", round=0, rounds=5))
+    now = datetime.datetime.now(datetime.UTC).isoformat()
+    await create(kube_api, PEERING_URL, {
+        "apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": "federator"},
+        "status": {"leader@elsewhere": {"priority": 100, "lifetime": 60, "lastseen": now}},
+    })
+
+    def peers() -> dict[str, Any]:
+        obj = kube_api.objects["kopf.dev/v1/clusterkopfpeerings", None, "federator"].raw
+        return dict(obj.get("status") or {})
+
+    async with run_operator(peering="federator", priority=10):
+        await eventually(lambda: len(peers()) == 2, message="this replica's keep-alive in the peering")
+        ours = next(v for k, v in peers().items() if k != "leader@elsewhere")
+        assert ours["priority"] == 10
+        await create(kube_api, FEDS_URL, federation())
+        await asyncio.sleep(2.0)
+        assert not any(live(kube_api, r, n) for r, n in CHILDREN), "a standby replica must not reconcile"
+        await patch(kube_api, f"{PEERING_URL}/federator", {"status": {"leader@elsewhere": None}})  # it left
+        await eventually(lambda: all(live(kube_api, r, n) for r, n in CHILDREN), message="children after take-over")
+        await settle(kube_api)
+    assert peers() == {}  # a replica that stops takes itself out of the peering
