@@ -224,7 +224,7 @@ def render(timings: list[RoundTiming], loopback: list[float], raw: tuple[float, 
         row("plain gRPC, server to client: 1 MiB `bytes` messages, no protobuf, no checks (fastest)", raw[0]),
         row("plain gRPC, client to server, the same (fastest)", raw[1]),
         row("download: the global model, assembled and validated by the worker", down),
-        row("upload: `encode` of the update (flatten, crc32)", enc, rate=False),
+        row("upload: `encode` of the update (one crc32 pass, no copy)", enc, rate=False),
         row("upload: stream to the server, validated and aggregated there, until its reply", up),
         f"| **a round's transfer (download + encode + upload) / two loopback copies** | {1e3 * transfer:.1f} ms "
         f"| | **{ratio:.2f}x** |",

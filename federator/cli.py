@@ -47,7 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--state-dir", default="./federator-state", help="checkpoint, final model and logs")
     srv.add_argument("--token-file", default=None, help="file with accepted tokens, one per line (or FEDERATOR_TOKENS)")
     srv.add_argument("--ready-file", default=None, help="write 'grpc_port metrics_port' here once listening")
-    srv.add_argument("--linger-seconds", type=float, default=0.0, help="keep serving /status after the last round")
+    srv.add_argument("--linger-seconds", type=float, default=0.0,
+                     help="after the last round keep serving until the workers left, at most this long; "
+                          "-1: until stopped (in a cluster)")
     srv.add_argument("--tls-cert", default=None, help="PEM server certificate (with --tls-key): gRPC over TLS")
     srv.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
 

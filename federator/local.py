@@ -39,6 +39,7 @@ class LocalRun:
     workers: int
     token: str = field(default_factory=lambda: secrets.token_hex(16))
     extra_tokens: list[str] = field(default_factory=list)  # e.g. "silo:NAME=TOKEN" for silo clients
+    linger_seconds: float = 15.0  # the server's --linger-seconds (-1: serve until stopped, as in a cluster)
     server: subprocess.Popen[bytes] | None = None
     clients: list[subprocess.Popen[bytes]] = field(default_factory=list)
     grpc_port: int = 0
@@ -68,7 +69,8 @@ class LocalRun:
         self.server = self._spawn(
             ["server", "--config", str(self.manifest), "--host", "127.0.0.1",
              "--port", str(self.grpc_port), "--metrics-port", str(self.http_port),
-             "--state-dir", str(self.state_dir), "--ready-file", str(ready), "--linger-seconds", "15"],
+             "--state-dir", str(self.state_dir), "--ready-file", str(ready),
+             "--linger-seconds", str(self.linger_seconds)],
             "server.log", self._env(FEDERATOR_TOKENS="\n".join([self.token, *self.extra_tokens])),
         )
         deadline = time.monotonic() + timeout

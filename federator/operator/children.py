@@ -326,6 +326,7 @@ def server_container(fed: Federation) -> dict[str, Any]:
         "--port", str(server.port),
         "--metrics-port", str(server.metricsPort),
         "--state-dir", STATE_DIR,
+        "--linger-seconds", "-1",  # after the last round keep serving /status and STOP until the pod stops
         "--token-file", f"{SECRET_DIR}/{secrets.TOKENS}",
         "--tls-cert", f"{SECRET_DIR}/{secrets.TLS_CERT}",
         "--tls-key", f"{SECRET_DIR}/{secrets.TLS_KEY}",
@@ -447,8 +448,12 @@ def _client_ports() -> list[dict[str, Any]]:
     return [{"name": "metrics", "containerPort": CLIENT_METRICS_PORT, "protocol": "TCP"}]
 
 
-def clients_deployment(fed: Federation, owner: Owner) -> dict[str, Any]:
-    """The worker pool that trains the simulated clients; with autoscaling the HPA owns `replicas`."""
+def clients_deployment(fed: Federation, owner: Owner, *, finished: bool = False) -> dict[str, Any]:
+    """The worker pool that trains the simulated clients; with autoscaling the HPA owns `replicas`.
+
+    Once the federation has `finished` (Succeeded or Failed) the pool is scaled to zero: a worker exits
+    when the server says STOP, and a Deployment would only restart it into a crash loop.
+    """
     name, ns = fed.metadata.name, fed.metadata.namespace
     clients = fed.spec.clients
     container = _container(
@@ -473,7 +478,9 @@ def clients_deployment(fed: Federation, owner: Owner) -> dict[str, Any]:
             ),
         },
     }
-    if not clients.autoscaling.enabled:
+    if finished:
+        spec = {"replicas": 0, **spec}
+    elif not clients.autoscaling.enabled:
         spec = {"replicas": clients.workers, **spec}
     return {
         "apiVersion": "apps/v1",
@@ -648,8 +655,11 @@ def silo_selector(client: FederatedClient, federation: str) -> str:
 # ------------------------------------------------------------------------------------------ together
 
 
-def federation_children(fed: Federation, uid: str, *, service_monitor_api: bool) -> Desired:
+def federation_children(fed: Federation, uid: str, *, service_monitor_api: bool, finished: bool = False) -> Desired:
     """Every child of a Federation but its Secret, in the order they are applied (config before pods).
+
+    `finished`: the federation Succeeded or Failed: the worker pool goes to zero and its HPA away (an
+    HPA cannot hold zero replicas); the server stays up to serve the result.
 
     The Secret is not here: its content is generated once and merged with what exists, under an
     optimistic lock (see `reconcile.ensure_credentials`), never blindly re-applied.
@@ -665,8 +675,9 @@ def federation_children(fed: Federation, uid: str, *, service_monitor_api: bool)
     else:
         apply.append(server_deployment(fed, owner))
         prune.append(ChildRef("apps/v1", "StatefulSet", ns, server_name(name)))
-    apply += [clients_deployment(fed, owner), clients_pdb(fed, owner), server_network_policy(fed, owner)]
-    if spec.clients.autoscaling.enabled:
+    apply += [clients_deployment(fed, owner, finished=finished), clients_pdb(fed, owner),
+              server_network_policy(fed, owner)]
+    if spec.clients.autoscaling.enabled and not finished:
         apply.append(clients_hpa(fed, owner))
     else:
         prune.append(ChildRef("autoscaling/v2", "HorizontalPodAutoscaler", ns, clients_name(name)))

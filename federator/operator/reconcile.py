@@ -234,6 +234,28 @@ async def service_monitor_api(kube: Kube, memo: Any) -> bool:
     return bool(cached)
 
 
+def is_finished(raw_status: Mapping[str, Any] | None) -> bool:
+    return (raw_status or {}).get("phase") in status.TERMINAL_PHASES
+
+
+async def apply_worker_pool(kube: Kube, fed: Federation, uid: str, *, finished: bool) -> None:
+    """Scale the worker pool for a federation that finished (to zero) or runs again (back to its spec)."""
+    desired = children.federation_children(fed, uid, service_monitor_api=False, finished=finished)
+    pool = {children.clients_name(fed.metadata.name)}
+    for manifest in desired.apply:
+        if manifest["kind"] in ("Deployment", "HorizontalPodAutoscaler") and manifest["metadata"]["name"] in pool:
+            await kube.apply(manifest)
+    for ref in desired.prune:
+        if ref.kind == "HorizontalPodAutoscaler":
+            await kube.delete_if_managed(ref.api_version, ref.kind, ref.namespace, ref.name)
+    auto = fed.spec.clients.autoscaling
+    if not finished and auto.enabled:
+        # the applied Deployment leaves `replicas` to the HPA, and an HPA never scales up from zero
+        pool_name = children.clients_name(fed.metadata.name)
+        await kube.merge_patch("apps/v1", "Deployment", fed.metadata.namespace, pool_name,
+                               {"spec": {"replicas": max(1, auto.minReplicas)}})
+
+
 async def reconcile_federation(
     *, kube: Kube, config: OperatorConfig, body: kopf.Body, memo: Any, logger: logging.Logger | Any
 ) -> None:
@@ -253,7 +275,8 @@ async def reconcile_federation(
         silos = await _bound_clients(kube, ns, name)
         try:
             await ensure_credentials(kube, fed, uid, [c.metadata.name for c, _ in silos], prune=True)
-            desired = children.federation_children(fed, uid, service_monitor_api=await service_monitor_api(kube, memo))
+            desired = children.federation_children(fed, uid, service_monitor_api=await service_monitor_api(kube, memo),
+                                                   finished=is_finished(_current_status(memo, body)))
             outcomes = [await kube.apply(manifest) for manifest in desired.apply]
             for client, client_uid in silos:
                 owner = children.client_owner(client, client_uid)
@@ -322,6 +345,8 @@ async def poll_federation(
             new = status.federation_unreachable(current, error or "no answer", now=now, starting=starting,
                                                 bad_report=bad)
         written = await write_status(kube, memo, body, new, kind="Federation")
+        if written is not None and is_finished(written[0]) != is_finished(written[1]):
+            await apply_worker_pool(kube, fed, _identity(body)[2], finished=is_finished(written[1]))
     if written is not None:
         _post(body, status.federation_events(*written))
 

@@ -718,7 +718,12 @@ def main(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
     code = server.run()
-    if args.linger_seconds > 0 and not server._stopping.is_set():
+    if args.linger_seconds < 0:
+        # in a cluster: a finished (or failed) federation keeps its result visible and tells every worker
+        # that asks to STOP, until the pod is stopped; exiting would only restart the pod
+        log.info("federation %s: serving its %s status until stopped", fed.metadata.name, server.phase.lower())
+        server._stopping.wait()
+    elif args.linger_seconds > 0 and not server._stopping.is_set():
         server.wait_for_workers_to_leave(args.linger_seconds)
     server.stop()
     return code

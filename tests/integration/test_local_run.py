@@ -18,6 +18,7 @@ import torch
 
 from federator.api.manifest import load_federation
 from federator.local import LocalRun, write_results
+from federator.runtime.transport import RECONNECT_BACKOFF_MAX
 from tests.helpers.manifests import manifest, write_manifest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -165,6 +166,30 @@ def test_server_serves_health_metrics_and_status(tmp_path: Path) -> None:
     assert "federator_round_duration_seconds_bucket" in text
     assert st["phase"] in ("Running", "Succeeded") and st["round"] >= 2
     assert 0.0 <= st["accuracy"] <= 1.0 and st["clients"]["participants"] == 4
+
+
+def test_a_cluster_server_keeps_serving_its_result_after_the_last_round(tmp_path: Path) -> None:
+    """`--linger-seconds -1` (what the operator runs): after success the server still answers /status and
+    tells late workers to STOP, instead of exiting into a pod restart; SIGTERM ends it cleanly."""
+    doc = manifest(rounds=2)
+    path = write_manifest(tmp_path / "fed.yaml", doc)
+    run = LocalRun(manifest=path, fed=load_federation(path), out=tmp_path, workers=1, linger_seconds=-1)
+    (tmp_path / "state").mkdir()
+    try:
+        run.start_server()
+        run.start_clients()
+        wait_for(lambda: _status(run).get("phase") == "Succeeded", 120, "success")
+        assert run.wait_clients(30) and run.clients[0].returncode == 0  # the worker got STOP and left
+        time.sleep(RECONNECT_BACKOFF_MAX + 1.5)  # longer than a local server lingers for leaving workers
+        assert run.server is not None and run.server.poll() is None
+        assert _status(run)["phase"] == "Succeeded" and _status(run)["round"] == 2
+        late = run._spawn(["client", "--server", f"127.0.0.1:{run.grpc_port}", "--config", str(path),
+                           "--name", "late", "--metrics-port", "-1"], "late.log", run._env(FEDERATOR_TOKEN=run.token))
+        assert late.wait(60) == 0  # a worker (re)started after the end is told to stop, not left retrying
+        run.server.send_signal(signal.SIGTERM)
+        assert run.server.wait(20) == 0
+    finally:
+        run.stop()
 
 
 def test_silo_client_trains_on_its_own_data(tmp_path: Path) -> None:

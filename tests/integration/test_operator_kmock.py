@@ -284,6 +284,36 @@ async def test_the_server_status_drives_the_federation_status(
     assert condition(live(kube_api, FEDS, "demo"), "Progressing")["reason"] == "Completed"
 
 
+async def test_a_finished_federation_scales_its_worker_pool_to_zero_and_back_when_it_runs_again(
+    kube_api: ApiServer, run_operator: OperatorRunner, status_servers: FakeServers
+) -> None:
+    auto = {"autoscaling": {"enabled": True, "minReplicas": 1, "maxReplicas": 4}}
+    spec = federation(clients={"count": 10, "perRound": 8, "workers": 2, **auto})
+    status_servers.set("demo", server_report("demo", phase="Running", round=3))
+    async with run_operator():
+        await create(kube_api, FEDS_URL, spec)
+        await eventually(lambda: live(kube_api, "autoscaling/v2/horizontalpodautoscalers", "demo-clients"))
+        pool = must(kube_api, "apps/v1/deployments", "demo-clients")
+        assert "replicas" not in pool["spec"]  # the HPA owns it while the federation runs
+        uid = pool["metadata"]["uid"]
+
+        status_servers.set("demo", server_report("demo", phase="Succeeded", round=15))
+        await eventually(lambda: must(kube_api, "apps/v1/deployments", "demo-clients")["spec"].get("replicas") == 0,
+                         message="worker pool at zero")
+        await eventually(lambda: live(kube_api, "autoscaling/v2/horizontalpodautoscalers", "demo-clients") is None,
+                         message="HPA gone (it cannot hold zero)")
+        assert live(kube_api, "apps/v1/statefulsets", "demo-server") is not None  # the server keeps the result
+
+        # rounds raised after the end: the server resumes and runs again, and so does the pool
+        status_servers.set("demo", server_report("demo", phase="Running", round=15, rounds=30))
+        await eventually(lambda: live(kube_api, "autoscaling/v2/horizontalpodautoscalers", "demo-clients"),
+                         message="HPA back")
+        await settle(kube_api)
+        # an HPA never scales up from zero: the pool restarts at minReplicas and the HPA takes it from there
+        assert must(kube_api, "apps/v1/deployments", "demo-clients")["spec"]["replicas"] == 1
+    assert must(kube_api, "apps/v1/deployments", "demo-clients")["metadata"]["uid"] == uid  # patched, not recreated
+
+
 async def test_an_unreachable_server_degrades_and_never_crashes_the_operator(
     kube_api: ApiServer, run_operator: OperatorRunner, status_servers: FakeServers
 ) -> None:

@@ -116,7 +116,7 @@ def test_server_follows_the_runtime_contract() -> None:
     assert [container["command"][0], *container["args"]] == [
         "federator", "server", "--config", "/etc/federator/federation.yaml", "--host", "0.0.0.0",
         "--port", "6000", "--metrics-port", "6001", "--state-dir", "/var/lib/federator",
-        "--token-file", "/etc/federator/secret/tokens",
+        "--linger-seconds", "-1", "--token-file", "/etc/federator/secret/tokens",
         "--tls-cert", "/etc/federator/secret/tls.crt", "--tls-key", "/etc/federator/secret/tls.key",
     ]
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
@@ -211,6 +211,20 @@ def test_autoscaling_hands_replicas_to_an_hpa_on_the_pending_task_metric() -> No
     plain = children.federation_children(federation(), UID, service_monitor_api=False)
     assert "HorizontalPodAutoscaler" not in [m["kind"] for m in plain.apply]
     assert children.ChildRef("autoscaling/v2", "HorizontalPodAutoscaler", "team-a", "demo-clients") in plain.prune
+
+
+@pytest.mark.parametrize("variant", ["plain", "autoscaling"])
+def test_a_finished_federation_has_no_workers_and_no_hpa_but_keeps_its_server(variant: str) -> None:
+    fed = federation(**VARIANTS.get(variant, {}))
+    running = children.federation_children(fed, UID, service_monitor_api=False)
+    done = children.federation_children(fed, UID, service_monitor_api=False, finished=True)
+    pool = next(m for m in done.apply if m["kind"] == "Deployment" and m["metadata"]["name"] == "demo-clients")
+    assert pool["spec"]["replicas"] == 0
+    assert "HorizontalPodAutoscaler" not in [m["kind"] for m in done.apply]
+    assert children.ChildRef("autoscaling/v2", "HorizontalPodAutoscaler", "team-a", "demo-clients") in done.prune
+    unchanged = {(m["kind"], m["metadata"]["name"]) for m in running.apply} - {
+        ("Deployment", "demo-clients"), ("HorizontalPodAutoscaler", "demo-clients")}
+    assert all(m in done.apply for m in running.apply if (m["kind"], m["metadata"]["name"]) in unchanged)
 
 
 @pytest.mark.parametrize(("value", "quantity"), [(2.0, "2"), (0.5, "500m"), (1.25, "1250m"), (10, "10")])
