@@ -14,6 +14,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -63,7 +64,22 @@ class LocalRun:
         return subprocess.Popen([sys.executable, "-m", "federator", *args], stdout=log, stderr=subprocess.STDOUT,
                                 env=env, start_new_session=True)
 
+    def reserve_ports(self) -> None:
+        """Pick the server's free ports up front, so that the workers can start (and spend their seconds
+        importing torch and loading data) while the server starts, instead of after it."""
+        if self.grpc_port and self.http_port:
+            return
+        with socket.socket() as a, socket.socket() as b:  # both bound at once: two different ports
+            a.bind(("127.0.0.1", 0))
+            b.bind(("127.0.0.1", 0))
+            self.grpc_port = self.grpc_port or int(a.getsockname()[1])
+            self.http_port = self.http_port or int(b.getsockname()[1])
+
     def start_server(self, timeout: float = 120.0) -> None:
+        self.spawn_server()
+        self.wait_for_server(timeout)
+
+    def spawn_server(self) -> None:
         ready = self.state_dir / "ready"
         ready.unlink(missing_ok=True)
         self.server = self._spawn(
@@ -73,6 +89,10 @@ class LocalRun:
              "--linger-seconds", str(self.linger_seconds)],
             "server.log", self._env(FEDERATOR_TOKENS="\n".join([self.token, *self.extra_tokens])),
         )
+
+    def wait_for_server(self, timeout: float = 120.0) -> None:
+        assert self.server is not None
+        ready = self.state_dir / "ready"
         deadline = time.monotonic() + timeout
         while not ready.exists():
             if self.server.poll() is not None:
@@ -247,8 +267,10 @@ def run_local(manifest: Path, out: Path, workers: int | None = None, resume: boo
     interrupted = False
     previous = _interrupt_on_signals()
     try:
-        run.start_server()
-        run.start_clients()
+        run.reserve_ports()
+        run.spawn_server()
+        run.start_clients()  # they warm up while the server starts, and join as soon as it listens
+        run.wait_for_server()
         last = follow(run, quiet)
         if run.server is not None and run.server.returncode == 0:
             run.wait_clients(10.0)  # they got STOP; let them leave cleanly before anything is signalled

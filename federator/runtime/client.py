@@ -110,6 +110,7 @@ class Worker:
     def run(self) -> int:
         """Returns 0 when the server said STOP, 1 when it stayed unreachable for reconnect_seconds."""
         self.warm_up()
+        self._await_listening()
         backoff, down_since = 0.1, None
         while not self._stop.is_set():
             try:
@@ -134,6 +135,22 @@ class Worker:
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, RECONNECT_BACKOFF_MAX)
         return 1
+
+    def _await_listening(self, poll: float = 0.05) -> None:
+        """Before the first call: wait until the server accepts TCP connections, probing every `poll` s.
+
+        A worker usually starts together with its server. A gRPC call made before the server listens puts
+        the channel into its reconnect backoff, and the worker would join up to a backoff period late.
+        """
+        host, _, port = self.server.rpartition(":")
+        address = (host.strip("[]"), int(port)) if port.isdigit() else None
+        deadline = time.monotonic() + self.reconnect_seconds
+        while address is not None and not self._stop.is_set() and time.monotonic() < deadline:
+            try:
+                with socket.create_connection(address, timeout=1.0):
+                    return
+            except OSError:
+                self._stop.wait(poll)
 
     def _join(self) -> Joined:
         samples = len(self.silo_data) if self.silo_data is not None else 0
