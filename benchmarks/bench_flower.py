@@ -40,12 +40,12 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from docsection import DOC, cpu_model, write_section
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = ROOT / "benchmarks"
 FLOWER_APP = BENCH_DIR / "flower-app"
 MANIFESTS = BENCH_DIR / "manifests"
-DOC = ROOT / "docs" / "benchmarks.md"
 PLOT_ACCURACY = ROOT / "docs" / "bench-flower-accuracy.png"
 PLOT_OVERHEAD = ROOT / "docs" / "bench-flower-overhead.png"
 SECTION_BEGIN = "<!-- BEGIN flower-comparison (written by benchmarks/bench_flower.py; edits here are lost) -->"
@@ -155,14 +155,6 @@ def wait_for_quiet(max_wait: float, threshold: float = 0.25) -> float:
     while busy >= threshold and time.monotonic() < deadline:
         busy = cpu_busy_fraction()
     return busy
-
-
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def memory_gib() -> float:
@@ -902,24 +894,6 @@ def render(workloads: list[Workload], env: dict[str, Any], elapsed: float) -> st
     return "\n".join(out) + "\n"
 
 
-def write_doc(section: str) -> None:
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    text = DOC.read_text() if DOC.exists() else ""
-    if SECTION_BEGIN in text and SECTION_END in text:
-        head, rest = text.split(SECTION_BEGIN, 1)
-        tail = rest.split(SECTION_END, 1)[1].lstrip("\n")
-        text = head + section + ("\n" + tail if tail else "")
-    elif text:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        text = (
-            "# Benchmarks\n\n"
-            "Each section compares Federator with a peer in the same run on the same machine "
-            "(DESIGN.md section 8) and is written by the script it names.\n\n" + section
-        )
-    DOC.write_text(text)
-
-
 def plot(workloads: list[Workload]) -> None:
     import matplotlib
 
@@ -1099,7 +1073,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     (args.out / "section.md").write_text(section)
     if not args.no_doc:
         plot(workloads)
-        write_doc(section)
+        write_section(section, SECTION_BEGIN, SECTION_END)
         print(f"wrote {DOC.relative_to(ROOT)}, {PLOT_ACCURACY.relative_to(ROOT)}, {PLOT_OVERHEAD.relative_to(ROOT)}")
     print(f"raw numbers in {summary_path} ({elapsed / 60:.1f} min)")
     return 0 if all(not w.errors for w in workloads) else 1

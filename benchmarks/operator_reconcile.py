@@ -35,26 +35,32 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for p in (ROOT, ROOT / "benchmarks"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
 
-import aiohttp.web  # noqa: E402
 import kmock  # noqa: E402
 import kopf  # noqa: E402
 import kubernetes.config.kube_config  # noqa: E402
 import yaml  # noqa: E402
+from docsection import DOC, cpu_model, write_section  # noqa: E402
 
+from federator.operator.main import operator_options  # noqa: E402
 from federator.operator.reconcile import OperatorConfig  # noqa: E402
-from tests.integration.conftest import ApiServer, FakeServers, crd_resources, server_report  # noqa: E402
+from tests.integration.conftest import (  # noqa: E402
+    ApiServer,
+    crd_resources,
+    kubeconfig_for,
+    operator_thread,
+    serve_fake_status,
+    server_report,
+)
 
-DOC = ROOT / "docs" / "benchmarks.md"
 SECTION_BEGIN = "<!-- BEGIN operator-reconcile (written by benchmarks/operator_reconcile.py; edits here are lost) -->"
 SECTION_END = "<!-- END operator-reconcile -->"
 NS = "default"
@@ -171,77 +177,18 @@ class RequestLog:
             await asyncio.sleep(0.1)
 
 
-@asynccontextmanager
-async def status_server(count_: int) -> AsyncIterator[FakeServers]:
-    fakes = FakeServers()
-    for i in range(count_):
-        name = f"fed-{i:03d}"
-        fakes.set(name, server_report(name, phase="Pending", round=0, rounds=5))
-    app = aiohttp.web.Application()
-    app.router.add_get("/{namespace}/{name}/status", fakes.handle)
-    runner = aiohttp.web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = aiohttp.web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    fakes.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
-    try:
-        yield fakes
-    finally:
-        await runner.cleanup()
-
-
 def write_kubeconfig(api: ApiServer, directory: Path) -> None:
     path = directory / "kubeconfig"
-    path.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config",
-        "clusters": [{"name": "kmock", "cluster": {"server": str(api.url).rstrip("/")}}],
-        "users": [{"name": "bench", "user": {"token": "bench-token"}}],
-        "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "bench", "namespace": NS}}],
-        "current-context": "kmock",
-    }))
+    path.write_text(yaml.safe_dump(kubeconfig_for(api)))
     os.environ["KUBECONFIG"] = str(path)
     kubernetes.config.kube_config.KUBE_CONFIG_DEFAULT_LOCATION = str(path)  # read once at import
     os.environ.pop("KUBERNETES_SERVICE_HOST", None)
 
 
-class OperatorThread:
-    """The operator's thread, for its CPU time (the emulator runs in the main thread)."""
-
-    thread: threading.Thread | None = None
-
-    def cpu_seconds(self) -> float:
-        if self.thread is None or self.thread.ident is None:
-            return float("nan")
-        return time.clock_gettime(time.pthread_getcpuclockid(self.thread.ident))
-
-
-@asynccontextmanager
-async def run_operator(config: OperatorConfig) -> AsyncIterator[OperatorThread]:
-    """The real kopf operator in its own thread and event loop (as conftest's `run_operator`)."""
-    memo = kopf.Memo(config=config)
-    stop, ready = threading.Event(), threading.Event()
-    errors: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            asyncio.run(kopf.operator(clusterwide=True, standalone=True, memo=memo, stop_flag=stop,
-                                      ready_flag=ready, settings=kopf.OperatorSettings()))
-        except BaseException as exc:
-            errors.append(exc)
-
-    thread = threading.Thread(target=target, name="kopf-operator", daemon=True)
-    thread.start()
-    handle = OperatorThread()
-    handle.thread = thread
-    try:
-        if not await asyncio.to_thread(ready.wait, 30):
-            raise RuntimeError("the operator did not start")
-        yield handle
-    finally:
-        stop.set()
-        await asyncio.to_thread(thread.join, 30)
-        if errors:
-            raise RuntimeError(f"the operator failed: {errors!r}")
+def cpu_seconds(thread: threading.Thread) -> float:
+    """CPU time of one thread: the operator's (the emulator runs in the main thread)."""
+    assert thread.ident is not None
+    return time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
 
 
 def all_children(api: ApiServer, names: list[str]) -> bool:
@@ -274,7 +221,9 @@ async def wait_quiet(log: RequestLog, quiet: float, timeout: float) -> None:
 async def bench(n: int, status_interval: float) -> Result:
     names = [f"fed-{i:03d}" for i in range(n)]
     with tempfile.TemporaryDirectory() as tmp:
-        async with ApiServer() as api, kmock.Server(api), status_server(n) as fakes:
+        async with ApiServer() as api, kmock.Server(api), serve_fake_status() as fakes:
+            for name in names:
+                fakes.set(name, server_report(name, phase="Pending", round=0, rounds=5))
             crd_resources(api)
             log = RequestLog(api)
             drainer = asyncio.create_task(log.keep_draining())
@@ -282,9 +231,10 @@ async def bench(n: int, status_interval: float) -> Result:
             config = OperatorConfig(status_interval=status_interval, status_timeout=2.0, startup_grace=0.0,
                                     retry_delay=0.3, status_url_template=fakes.url + "/{namespace}/{name}/status")
             rss_baseline = rss_mib()
-            async with run_operator(config) as operator:
+            options = operator_options(None, None, None)  # all namespaces, standalone
+            async with operator_thread(kopf.Memo(config=config), options, 30, 30) as operator:
                 await asyncio.sleep(1.0)  # let the initial lists and watches connect
-                cpu_ready = operator.cpu_seconds()
+                cpu_ready = cpu_seconds(operator)
                 startup_n = len(log.all())
                 rss_ready = current_rss_mib()
                 loop = asyncio.get_running_loop()
@@ -309,7 +259,7 @@ async def bench(n: int, status_interval: float) -> Result:
                 await wait_quiet(log, quiet=1.0, timeout=60)
                 quiet_s = loop.time() - t0 - 1.0  # the last write, not the end of the quiet second
                 requests = log.all()
-                cpu_reconcile = operator.cpu_seconds() - cpu_ready
+                cpu_reconcile = cpu_seconds(operator) - cpu_ready
                 drainer.cancel()
                 # the benchmark's own creates: the operator itself never creates a Federation
                 reconcile_reqs = [r for r in requests[startup_n:] if not (
@@ -327,16 +277,6 @@ async def bench(n: int, status_interval: float) -> Result:
                 rss_baseline_mib=rss_baseline, rss_ready_mib=rss_ready, rss_peak_mib=rss_mib(),
                 rss_end_mib=rss_end, status_hits=status_hits, operator_cpu_s=cpu_reconcile,
             )
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def render(res: Result, status_interval: float) -> str:
@@ -390,17 +330,6 @@ upper bound.
 """
 
 
-def write_doc(section: str) -> None:
-    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    if SECTION_BEGIN in text and SECTION_END in text:
-        head, rest = text.split(SECTION_BEGIN, 1)
-        _, tail = rest.split(SECTION_END, 1)
-        text = head + section.rstrip("\n") + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    DOC.write_text(text)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--count", type=int, default=100, help="Federations to create (default 100)")
@@ -413,7 +342,7 @@ def main() -> int:
     print(section)
     print(f"(benchmark wall time {time.monotonic() - started:.1f} s)")
     if not args.no_doc:
-        write_doc(section)
+        write_section(section, SECTION_BEGIN, SECTION_END)
         print(f"wrote {DOC.relative_to(ROOT)}")
     return 0
 

@@ -43,7 +43,8 @@ for p in (ROOT, ROOT / "benchmarks"):
 import grpc  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
-from bench_flower import cpu_model, loopback_transfer_seconds  # noqa: E402
+from bench_flower import loopback_transfer_seconds  # noqa: E402
+from docsection import DOC, cpu_model, write_section  # noqa: E402
 
 from federator.api.manifest import load_federation  # noqa: E402
 from federator.runtime.client import grpc_channel_options  # noqa: E402
@@ -51,7 +52,6 @@ from federator.runtime.proto import federator_pb2 as pb  # noqa: E402
 from federator.runtime.proto import federator_pb2_grpc as pb_grpc  # noqa: E402
 from federator.runtime.transport import DEFAULT_CHUNK_BYTES, BlobAssembler, Encoded, encode, layout_from_specs  # noqa: E402
 
-DOC = ROOT / "docs" / "benchmarks.md"
 SECTION_BEGIN = "<!-- BEGIN transfer (written by benchmarks/transfer.py; edits here are lost) -->"
 SECTION_END = "<!-- END transfer -->"
 MANIFEST = ROOT / "benchmarks" / "manifests" / "mlp4m.yaml"
@@ -254,17 +254,6 @@ Flower comparison above counts it in the overhead per round.
 """
 
 
-def write_doc(section: str) -> None:
-    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    if SECTION_BEGIN in text and SECTION_END in text:
-        head, rest = text.split(SECTION_BEGIN, 1)
-        _, tail = rest.split(SECTION_END, 1)
-        text = head + section.rstrip("\n") + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    DOC.write_text(text)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--rounds", type=int, default=12)
@@ -291,7 +280,7 @@ def main() -> int:
     section = render(timings, loopback, raw, args.rounds)
     print(section)
     if not args.no_doc:
-        write_doc(section)
+        write_section(section, SECTION_BEGIN, SECTION_END)
         print(f"wrote {DOC.relative_to(ROOT)}")
     return 0
 

@@ -233,17 +233,22 @@ async def kube_api() -> AsyncIterator[ApiServer]:
         yield server
 
 
-@pytest.fixture()
-def kubeconfig(kube_api: ApiServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    path = tmp_path / "kubeconfig"
-    path.write_text(yaml.safe_dump({
+def kubeconfig_for(api: ApiServer) -> dict[str, Any]:
+    """A kubeconfig that points kopf and the `kubernetes` loaders at the emulator."""
+    return {
         "apiVersion": "v1",
         "kind": "Config",
-        "clusters": [{"name": "kmock", "cluster": {"server": str(kube_api.url).rstrip("/")}}],
+        "clusters": [{"name": "kmock", "cluster": {"server": str(api.url).rstrip("/")}}],
         "users": [{"name": "test", "user": {"token": "test-token"}}],
         "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "test", "namespace": "default"}}],
         "current-context": "kmock",
-    }))
+    }
+
+
+@pytest.fixture()
+def kubeconfig(kube_api: ApiServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    path = tmp_path / "kubeconfig"
+    path.write_text(yaml.safe_dump(kubeconfig_for(kube_api)))
     monkeypatch.setenv("KUBECONFIG", str(path))
     # The kubernetes package reads $KUBECONFIG once, when imported; kopf and kube.py both use its loader.
     monkeypatch.setattr(kubernetes.config.kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(path))
@@ -278,6 +283,13 @@ class FakeServers:
 
 @pytest_asyncio.fixture()
 async def status_servers() -> AsyncIterator[FakeServers]:
+    async with serve_fake_status() as fakes:
+        yield fakes
+
+
+@asynccontextmanager
+async def serve_fake_status() -> AsyncIterator[FakeServers]:
+    """Every federation's server `/status` on one local port: `{url}/{namespace}/{name}/status`."""
     fakes = FakeServers()
     app = aiohttp.web.Application()
     app.router.add_get("/{namespace}/{name}/status", fakes.handle)
@@ -309,11 +321,7 @@ OperatorRunner = Callable[..., Any]
 
 @pytest.fixture()
 def run_operator(kubeconfig: Path, status_servers: FakeServers) -> OperatorRunner:
-    """`async with run_operator(): ...` runs the real kopf operator while inside.
-
-    kopf runs in its own thread and event loop, as in production: at exit kopf waits for (and then
-    cancels) every task of its loop, which must not include the emulator's.
-    """
+    """`async with run_operator(): ...` runs the real kopf operator while inside (see `operator_thread`)."""
 
     @asynccontextmanager
     async def run(namespaces: list[str] | None = None, peering: str | None = None, priority: int | None = None,
@@ -325,29 +333,41 @@ def run_operator(kubeconfig: Path, status_servers: FakeServers) -> OperatorRunne
         )
         settings.update(config)
         memo = kopf.Memo(config=OperatorConfig(**settings))
-        stop, ready = threading.Event(), threading.Event()
-        errors: list[BaseException] = []
-
-        def target() -> None:
-            try:
-                asyncio.run(kopf.operator(
-                    memo=memo, stop_flag=stop, ready_flag=ready, settings=kopf.OperatorSettings(), **options,
-                ))
-            except BaseException as exc:  # reported to the test below
-                errors.append(exc)
-
-        thread = threading.Thread(target=target, name="kopf-operator", daemon=True)
-        thread.start()
-        try:
-            assert await asyncio.to_thread(ready.wait, 10), "the operator did not start"
+        async with operator_thread(memo, options):
             yield memo
-        finally:
-            stop.set()
-            await asyncio.to_thread(thread.join, 15)
-            assert not thread.is_alive(), "the operator did not stop"
-            assert not errors, errors
 
     return run
+
+
+@asynccontextmanager
+async def operator_thread(memo: kopf.Memo, options: dict[str, Any], start_timeout: float = 10.0,
+                          stop_timeout: float = 15.0) -> AsyncIterator[threading.Thread]:
+    """The real kopf operator in its own thread and event loop while inside; yields that thread.
+
+    As in production, kopf at exit waits for (and then cancels) every task of its loop, which must not
+    include the emulator's. Failing to start or stop, or an error inside kopf, fails the caller.
+    """
+    stop, ready = threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            asyncio.run(kopf.operator(
+                memo=memo, stop_flag=stop, ready_flag=ready, settings=kopf.OperatorSettings(), **options,
+            ))
+        except BaseException as exc:  # reported to the caller below
+            errors.append(exc)
+
+    thread = threading.Thread(target=target, name="kopf-operator", daemon=True)
+    thread.start()
+    try:
+        assert await asyncio.to_thread(ready.wait, start_timeout), "the operator did not start"
+        yield thread
+    finally:
+        stop.set()
+        await asyncio.to_thread(thread.join, stop_timeout)
+        assert not thread.is_alive(), "the operator did not stop"
+        assert not errors, errors
 
 
 async def eventually(check: Callable[[], Any], *, timeout: float = 10.0, message: str = "") -> Any:
