@@ -33,7 +33,14 @@ from federator.runtime.models import build_model
 from federator.runtime.proto import federator_pb2 as pb
 from federator.runtime.proto import federator_pb2_grpc as pb_grpc
 from federator.runtime.training import Params, get_params, set_params, train_local
-from federator.runtime.transport import RECONNECT_BACKOFF_MAX, BlobAssembler, encode, layout_from_specs
+from federator.runtime.transport import (
+    RECONNECT_BACKOFF_MAX,
+    BlobAssembler,
+    encode,
+    layout_from_specs,
+    read_chunk,
+    serialize_message,
+)
 
 log = logging.getLogger("federator.client")
 
@@ -61,6 +68,28 @@ def grpc_channel_options(max_message_mib: int) -> list[tuple[str, int]]:
             ("grpc.keepalive_time_ms", 30_000), ("grpc.enable_retries", 0),
             ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
             ("grpc.max_reconnect_backoff_ms", int(RECONNECT_BACKOFF_MAX * 1000))]
+
+
+class ModelCalls:
+    """The two calls that move models, with chunks as raw frames instead of protobuf objects (see
+    transport.chunk_frame): GetTask yields serialized TaskMessages, SubmitUpdate takes serialized or
+    protobuf UpdateMessages. The other calls go through the generated stub."""
+
+    def __init__(self, channel: grpc.Channel) -> None:
+        self.get_task = channel.unary_stream(
+            "/federator.v1.Federator/GetTask", request_serializer=pb.TaskRequest.SerializeToString,
+            response_deserializer=None, _registered_method=True)
+        self.submit = channel.stream_unary(
+            "/federator.v1.Federator/SubmitUpdate", request_serializer=serialize_message,
+            response_deserializer=pb.SubmitReply.FromString, _registered_method=True)
+
+
+def receive_model(header: pb.TaskHeader, frames: Iterator[bytes]) -> Params:
+    """Assemble and check the global model that follows a TRAIN header with weights_included."""
+    asm = BlobAssembler(header.tensors, header.total_bytes, layout_from_specs(header.tensors))
+    for raw in frames:
+        asm.add(read_chunk(raw, pb.TaskMessage))
+    return asm.finish()
 
 
 class Worker:
@@ -94,6 +123,7 @@ class Worker:
         else:
             self._channel = grpc.insecure_channel(server, options=options)
         self._stub = pb_grpc.FederatorStub(self._channel)
+        self._calls = ModelCalls(self._channel)
 
     def close(self) -> None:
         self._stop.set()
@@ -201,19 +231,14 @@ class Worker:
                 continue  # the main loop notices an unreachable server on its own calls
 
     def _get_task(self, joined: Joined, have_version: int) -> tuple[pb.TaskHeader, Params | None]:
-        stream = self._stub.GetTask(pb.TaskRequest(token=self.token, worker_id=joined.worker_id,
-                                                   have_version=have_version, wait_seconds=5.0), timeout=60)
-        first = next(stream)
-        header = first.header
+        stream = self._calls.get_task(pb.TaskRequest(token=self.token, worker_id=joined.worker_id,
+                                                     have_version=have_version, wait_seconds=5.0), timeout=60)
+        header = pb.TaskMessage.FromString(next(stream)).header
         if header.kind != pb.TaskHeader.TRAIN or not header.weights_included:
             for _ in stream:
                 pass
             return header, None
-        layout = layout_from_specs(header.tensors)
-        asm = BlobAssembler(header.tensors, header.total_bytes, layout)
-        for msg in stream:
-            asm.add(msg.chunk)
-        params = asm.finish()
+        params = receive_model(header, stream)
         self._cached = (header.version, params)
         return header, params
 
@@ -252,12 +277,11 @@ class Worker:
             total_bytes=enc.total_bytes,
         )
 
-        def messages() -> Iterator[pb.UpdateMessage]:
+        def messages() -> Iterator[pb.UpdateMessage | bytes]:
             yield pb.UpdateMessage(header=update_header)
-            for chunk in enc.chunks():
-                yield pb.UpdateMessage(chunk=chunk)
+            yield from enc.frames()
 
-        reply = self._stub.SubmitUpdate(messages(), timeout=600)
+        reply = self._calls.submit(messages(), timeout=600)
         self._task_id = ""
         outcome = "accepted" if reply.accepted else "rejected"
         self.metrics.tasks.labels(outcome=outcome).inc()

@@ -48,6 +48,8 @@ from federator.runtime.transport import (
     Layout,
     Rejected,
     encode,
+    read_chunk,
+    serialize_message,
 )
 
 log = logging.getLogger("federator.server")
@@ -55,6 +57,7 @@ log = logging.getLogger("federator.server")
 CHECKPOINT_FILE = "checkpoint.pt"
 MAX_TASK_ATTEMPTS = 3
 MiB = 1 << 20
+SERVICE = "federator.v1.Federator"
 
 
 @dataclass
@@ -161,7 +164,7 @@ class FederationServer:
             futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="grpc"),
             options=[("grpc.max_receive_message_length", max_msg), ("grpc.max_send_message_length", max_msg)],
         )
-        pb_grpc.add_FederatorServicer_to_server(_Servicer(self), self._grpc)
+        _add_servicer(_Servicer(self), self._grpc)
         if tls is not None:
             cert, key = tls
             self.port = self._grpc.add_secure_port(f"{host}:{port}", grpc.ssl_server_credentials([(key, cert)]))
@@ -531,11 +534,14 @@ class FederationServer:
             return w.silo_samples
         return len(self.data.partitions[int(task.client_id.removeprefix("sim-"))])
 
-    def submit(self, messages: Iterator[pb.UpdateMessage]) -> pb.SubmitReply:
+    def submit(self, messages: Iterator[bytes]) -> pb.SubmitReply:
+        """Take one update stream of serialized UpdateMessages (a header, then chunk frames)."""
         try:
-            first = next(messages)
+            first = pb.UpdateMessage.FromString(next(messages))
         except (StopIteration, grpc.RpcError, ValueError):
             return self.reject("malformed", "empty update stream")
+        except Exception:  # protobuf's DecodeError
+            return self.reject("malformed", "the update's header is not valid protobuf")
         if first.WhichOneof("body") != "header":
             return self.reject("malformed", "the first message of an update must be its header")
         h = first.header
@@ -571,10 +577,8 @@ class FederationServer:
             lease = task.leases
         try:
             asm = BlobAssembler(h.tensors, h.total_bytes, self.layout, max_chunk_bytes=self.max_message)
-            for msg in messages:
-                if msg.WhichOneof("body") != "chunk":
-                    raise Rejected("malformed", "a second header inside one update")
-                asm.add(msg.chunk)
+            for raw in messages:
+                asm.add(read_chunk(raw, pb.UpdateMessage))
             params = asm.finish()
         except Rejected as exc:
             return self.reject(exc.reason, exc.detail, task, lease=lease)
@@ -636,7 +640,7 @@ class _Servicer(pb_grpc.FederatorServicer):
                             input_shape=list(self.s.data.train.input_shape),
                             num_classes=self.s.data.train.num_classes)
 
-    def GetTask(self, request: pb.TaskRequest, context: grpc.ServicerContext) -> Iterator[pb.TaskMessage]:
+    def GetTask(self, request: pb.TaskRequest, context: grpc.ServicerContext) -> Iterator[pb.TaskMessage | bytes]:
         s = self.s
         w = s.worker_token_ok(request.worker_id, request.token)
         if w is None:
@@ -658,12 +662,11 @@ class _Servicer(pb_grpc.FederatorServicer):
             total_bytes=encoded.total_bytes if include else 0,
         ))
         if include:
-            for chunk in encoded.chunks():
-                yield pb.TaskMessage(chunk=chunk)
+            yield from encoded.frames()
             s._m["bytes_sent"].inc(encoded.total_bytes)
             s.bytes_sent += encoded.total_bytes
 
-    def SubmitUpdate(self, request_iterator: Iterator[pb.UpdateMessage],
+    def SubmitUpdate(self, request_iterator: Iterator[bytes],
                      context: grpc.ServicerContext) -> pb.SubmitReply:
         return self.s.submit(request_iterator)
 
@@ -673,6 +676,26 @@ class _Servicer(pb_grpc.FederatorServicer):
     def Leave(self, request: pb.LeaveRequest, context: grpc.ServicerContext) -> pb.LeaveReply:
         self.s.leave(request)
         return pb.LeaveReply()
+
+
+def _add_servicer(servicer: _Servicer, server: grpc.Server) -> None:
+    """The generated registration, except that the model's chunks skip protobuf objects both ways
+    (GetTask sends ready chunk frames, SubmitUpdate hands over raw messages): see transport.chunk_frame."""
+    def unary(method: Any, request: Any, reply: Any) -> grpc.RpcMethodHandler:
+        return grpc.unary_unary_rpc_method_handler(method, request_deserializer=request.FromString,
+                                                   response_serializer=reply.SerializeToString)
+
+    handlers = {
+        "Join": unary(servicer.Join, pb.JoinRequest, pb.JoinReply),
+        "GetTask": grpc.unary_stream_rpc_method_handler(
+            servicer.GetTask, request_deserializer=pb.TaskRequest.FromString, response_serializer=serialize_message),
+        "SubmitUpdate": grpc.stream_unary_rpc_method_handler(
+            servicer.SubmitUpdate, request_deserializer=None, response_serializer=pb.SubmitReply.SerializeToString),
+        "Heartbeat": unary(servicer.Heartbeat, pb.HeartbeatRequest, pb.HeartbeatReply),
+        "Leave": unary(servicer.Leave, pb.LeaveRequest, pb.LeaveReply),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    server.add_registered_method_handlers(SERVICE, handlers)
 
 
 def _split_tokens(tokens: list[str]) -> tuple[list[str], dict[str, str]]:

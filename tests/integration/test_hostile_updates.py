@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import threading
 import time
-import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from federator.runtime.proto import federator_pb2 as pb
 from federator.runtime.proto import federator_pb2_grpc as pb_grpc
 from federator.runtime.server import FederationServer
 from federator.runtime.training import Params
-from federator.runtime.transport import BlobAssembler, encode, layout_from_specs
+from federator.runtime.transport import BlobAssembler, checksum, encode, layout_from_specs
 from tests.helpers.manifests import manifest
 
 TOKEN = "good-token"
@@ -265,7 +264,7 @@ def test_crc_of_honest_chunks_is_checked_per_chunk() -> None:
     assert len(chunks) == 10
     running = 0
     for c in chunks:
-        running = zlib.crc32(c.data, running)
+        running = checksum(c.data, running)
         assert c.crc32 == running
     assert chunks[-1].crc32 == enc.specs[0].crc32
     assert b"".join(c.data for c in chunks) == enc.blob

@@ -1,14 +1,22 @@
-"""The wire format: TensorSpecs + chunks with running crc32s, validated before use."""
+"""The wire format: TensorSpecs + chunks with running CRC-32Cs, validated before use; chunk frames."""
 
 from __future__ import annotations
-
-import zlib
 
 import pytest
 import torch
 
 from federator.runtime.proto import federator_pb2 as pb
-from federator.runtime.transport import BlobAssembler, Layout, Rejected, decode, encode, layout_from_specs
+from federator.runtime.transport import (
+    BlobAssembler,
+    Layout,
+    Rejected,
+    checksum,
+    chunk_frame,
+    decode,
+    encode,
+    layout_from_specs,
+    read_chunk,
+)
 
 
 def params() -> dict[str, torch.Tensor]:
@@ -89,6 +97,24 @@ def test_non_finite_values_in_any_float_dtype_are_rejected() -> None:
         assert err.value.reason == "non_finite"
 
 
+@pytest.mark.parametrize("chunk_bytes", [1, 3, 5, 8, 4096])
+@pytest.mark.parametrize("where", [0, 13, 39])
+def test_non_finite_is_found_whatever_the_chunk_cuts_through(chunk_bytes: int, where: int) -> None:
+    """The scan runs per chunk over whole elements: cuts inside an element, and a float64 tensor at an odd
+    offset (after 3 float16s), still see every value."""
+    w = torch.zeros(40, dtype=torch.float64)
+    w[where] = float("nan")
+    p = {"h": torch.zeros(3, dtype=torch.float16), "w": w}
+    enc = encode(p)
+    with pytest.raises(Rejected) as err:
+        decode(enc.specs, enc.total_bytes, list(enc.chunks(chunk_bytes)), Layout.of(p))
+    assert err.value.reason == "non_finite"
+    w[where] = 1.0
+    enc = encode(p)
+    out = decode(enc.specs, enc.total_bytes, list(enc.chunks(chunk_bytes)), Layout.of(p))
+    assert torch.equal(out["w"], w)
+
+
 def test_empty_tensors_anywhere_round_trip() -> None:
     p = {"e0": torch.empty(0), "w": torch.arange(6.0).reshape(2, 3), "e1": torch.empty(0, 4), "e2": torch.empty(0)}
     enc = encode(p)
@@ -106,8 +132,8 @@ def test_chunks_stay_inside_one_tensor_and_carry_its_running_crc32() -> None:
         assert b"".join(c.data for c in mine) == blob[spec.offset : spec.offset + spec.nbytes]
         for c in mine:
             assert c.offset + len(c.data) <= spec.offset + spec.nbytes  # never crosses into the next tensor
-            assert c.crc32 == zlib.crc32(blob[spec.offset : c.offset + len(c.data)])
-        assert mine[-1].crc32 == spec.crc32 == zlib.crc32(bytes(p[spec.name].view(-1).view(torch.uint8).numpy()))
+            assert c.crc32 == checksum(blob[spec.offset : c.offset + len(c.data)])
+        assert mine[-1].crc32 == spec.crc32 == checksum(bytes(p[spec.name].view(-1).view(torch.uint8).numpy()))
 
 
 def _assemble(enc_specs: list[pb.TensorSpec], chunks: list[pb.Chunk], p: dict[str, torch.Tensor]) -> None:
@@ -137,7 +163,7 @@ def test_flipped_byte_wrong_declared_crc_and_crossing_chunks_are_rejected() -> N
     assert err.value.reason == "checksum_mismatch" and "b:" in err.value.detail
 
     blob = enc.blob
-    crossing = pb.Chunk(offset=0, data=blob[:300], crc32=zlib.crc32(blob[:300]))  # a: 256 bytes, b: 256
+    crossing = pb.Chunk(offset=0, data=blob[:300], crc32=checksum(blob[:300]))  # a: 256 bytes, b: 256
     with pytest.raises(Rejected) as err:
         _assemble(list(enc.specs), [crossing], p)
     assert err.value.reason == "malformed"
@@ -145,3 +171,62 @@ def test_flipped_byte_wrong_declared_crc_and_crossing_chunks_are_rejected() -> N
     with pytest.raises(Rejected) as err:
         _assemble(list(enc.specs), [pb.Chunk(offset=0, data=b"", crc32=0)], p)
     assert err.value.reason == "malformed"
+
+
+# ------------------------------------------------------------------------------ chunk frames
+
+
+@pytest.mark.parametrize("offset,crc", [(0, 0), (0, 1), (5, 0), (300, 0xFFFFFFFF), ((1 << 40) + 3, 12345)])
+@pytest.mark.parametrize("size", [1, 127, 128, 70_000])
+def test_a_chunk_frame_is_the_protobuf_serialization_of_both_stream_messages(offset: int, crc: int,
+                                                                             size: int) -> None:
+    data = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    frame = chunk_frame(offset, memoryview(data), crc)
+    chunk = pb.Chunk(offset=offset, data=data, crc32=crc)
+    assert frame == pb.TaskMessage(chunk=chunk).SerializeToString()
+    assert frame == pb.UpdateMessage(chunk=chunk).SerializeToString()
+    for message in (pb.TaskMessage, pb.UpdateMessage):
+        got = read_chunk(frame, message)
+        assert isinstance(got.data, memoryview)  # the fast path: a view, not a copy
+        assert (got.offset, bytes(got.data), got.crc32) == (offset, data, crc)
+
+
+def test_frames_decode_to_the_same_model_as_chunks() -> None:
+    p = params()
+    enc = encode(p)
+    asm = BlobAssembler(enc.specs, enc.total_bytes, Layout.of(p))
+    for frame in enc.frames(100):
+        asm.add(read_chunk(frame, pb.UpdateMessage))
+    out = asm.finish()
+    assert all(torch.equal(out[k], p[k]) for k in p)
+
+
+def test_unusual_but_valid_encodings_follow_protobuf_rules() -> None:
+    """Fields out of order, or a repeated field (the last one wins), go through protobuf's own parser."""
+    inner = b"\x12\x03abc\x08\x05\x18\x07"  # data, offset 5, crc 7
+    reordered = b"\x12" + bytes([len(inner)]) + inner
+    got = read_chunk(reordered, pb.UpdateMessage)
+    assert (got.offset, bytes(got.data), got.crc32) == (5, b"abc", 7)
+    inner = b"\x08\x01\x12\x01x\x12\x02yz"  # data twice: protobuf keeps the last
+    twice = b"\x12" + bytes([len(inner)]) + inner
+    got = read_chunk(twice, pb.UpdateMessage)
+    assert bytes(got.data) == pb.UpdateMessage.FromString(twice).chunk.data == b"yz"
+
+
+@pytest.mark.parametrize("raw,detail", [
+    (pb.UpdateMessage(header=pb.UpdateHeader(task_id="t")).SerializeToString(), "second header"),
+    (b"", "without a chunk"),
+    (b"\x12\x10\x08\x01", "not valid protobuf"),  # declares 16 bytes, has 2
+    (b"\x12\x04\x12\x09abc", "not valid protobuf"),  # data longer than its message
+    (b"\xff\xff\xff", "not valid protobuf"),
+])
+def test_a_stream_message_that_is_not_a_chunk_is_rejected(raw: bytes, detail: str) -> None:
+    with pytest.raises(Rejected) as err:
+        read_chunk(raw, pb.UpdateMessage)
+    assert err.value.reason == "malformed"
+    assert detail in err.value.detail
+
+
+def test_checksum_is_crc32c_and_runs_on() -> None:
+    assert checksum(b"123456789") == 0xE3069283  # the CRC-32C check value (RFC 3720)
+    assert checksum(b"6789", checksum(b"12345")) == checksum(b"123456789")
