@@ -1,0 +1,360 @@
+"""Compressed model updates: top-k sparsification, stochastic quantisation, error feedback; pure functions.
+
+An update is the difference between two models, flattened to one float32 vector over the floating tensors
+in layout order (`flatten`). `compress` turns it into a compact payload:
+
+* top-k keeps the `ratio` largest-magnitude entries; their indices travel as delta-encoded varints or a
+  bitmap, whichever is smaller (both vectorised with numpy);
+* quantisation to 8, 4 or 2 bits rounds stochastically (unbiased) to signed levels with one float32 scale
+  per `chunk` values; 2 bits is ternary {-1, 0, 1} x scale; values are packed at their bit width;
+* error feedback is the caller's: `residual = x - decompress(compress(x))` is added to the next update.
+
+`decompress` checks everything before it returns a value: the magic and version, the bit width, counts
+and lengths of every section, index bounds, strictly increasing indices, finite scales and values, and
+a CRC-32C over the body. Any failure raises `Rejected` with a reason from `REASONS`.
+
+Payload (little-endian): a 40-byte header (`_HEADER`), then the index section, the scales, the values.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from federator.runtime.transport import Rejected, checksum
+
+MAGIC = b"FZC1"
+BITS = (2, 4, 8, 32)  # 32: float32 values, no quantisation
+INDEX_DENSE, INDEX_VARINT, INDEX_BITMAP = 0, 1, 2
+DEFAULT_CHUNK = 256
+REASONS = ("malformed", "truncated", "unsupported_bits", "wrong_count", "index_out_of_range",
+           "unsorted_indices", "checksum_mismatch", "non_finite")
+
+# magic, bits, index kind, 2 pad, n, k, chunk, index bytes, crc32c of the body
+_HEADER = struct.Struct("<4sBBxxQQIQI")
+_MAX_VARINT = 10
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """What to do to an update: keep the top `ratio` entries (1.0: all), quantise to `bits`."""
+
+    ratio: float = 1.0
+    bits: int = 32
+    chunk: int = DEFAULT_CHUNK
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.ratio <= 1.0:
+            raise ValueError(f"ratio must be in (0, 1], got {self.ratio}")
+        if self.bits not in BITS:
+            raise ValueError(f"bits must be one of {BITS}, got {self.bits}")
+        if not 1 <= self.chunk <= 1 << 24:
+            raise ValueError(f"chunk must be in 1..2^24, got {self.chunk}")
+
+    @property
+    def identity(self) -> bool:
+        return self.ratio == 1.0 and self.bits == 32
+
+
+# ------------------------------------------------------------------------------ flat vectors
+
+
+def float_names(params: Mapping[str, torch.Tensor]) -> list[str]:
+    """The tensors an update covers: the floating ones (others, e.g. BatchNorm's counters, stay the base's)."""
+    return [k for k, t in params.items() if t.is_floating_point()]
+
+
+def flatten(params: Mapping[str, torch.Tensor], names: list[str]) -> np.ndarray:
+    """The named tensors as one float32 vector (a copy)."""
+    if not names:
+        return np.zeros(0, dtype=np.float32)
+    return torch.cat([params[k].detach().reshape(-1).float() for k in names]).numpy()
+
+
+def unflatten(flat: np.ndarray, like: Mapping[str, torch.Tensor], names: list[str]) -> dict[str, torch.Tensor]:
+    """Split a flat vector back into tensors shaped (and typed) like `like`'s named tensors."""
+    out, pos = {}, 0
+    for k in names:
+        t = like[k]
+        n = t.numel()
+        out[k] = torch.from_numpy(flat[pos : pos + n]).reshape(t.shape).to(t.dtype)
+        pos += n
+    if pos != flat.size:
+        raise ValueError(f"flat vector has {flat.size} values, the tensors {pos}")
+    return out
+
+
+def model_delta(new: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor], names: list[str]) -> np.ndarray:
+    """new - base over the named tensors, flat float32."""
+    return flatten(new, names) - flatten(base, names)
+
+
+def apply_delta(base: Mapping[str, torch.Tensor], delta: np.ndarray, names: list[str]) -> dict[str, torch.Tensor]:
+    """base + delta as a new state dict; tensors that are not named are the base's own (not copied)."""
+    added = flatten(base, names) + delta
+    changed = unflatten(added, base, names)
+    return {k: changed.get(k, t) for k, t in base.items()}
+
+
+# ------------------------------------------------------------------------------ varints and bitmaps
+
+
+def encode_varints(values: np.ndarray) -> np.ndarray:
+    """Unsigned LEB128 varints of `values` (uint64), as uint8: one pass per byte position, not per value."""
+    v = values.astype(np.uint64, copy=False)
+    if v.size == 0:
+        return np.zeros(0, dtype=np.uint8)
+    lengths = np.ones(v.size, dtype=np.int64)
+    for j in range(1, _MAX_VARINT):
+        lengths += v >= np.uint64(1) << np.uint64(7 * j)
+    ends = np.cumsum(lengths)
+    starts = ends - lengths
+    out = np.empty(int(ends[-1]), dtype=np.uint8)
+    for j in range(int(lengths.max())):
+        has = lengths > j
+        byte = (v[has] >> np.uint64(7 * j)) & np.uint64(0x7F)
+        more = (lengths[has] > j + 1).astype(np.uint64) << np.uint64(7)
+        out[starts[has] + j] = (byte | more).astype(np.uint8)
+    return out
+
+
+def decode_varints(data: np.ndarray, count: int) -> np.ndarray:
+    """`count` varints from `data` (uint8), as uint64; `Rejected` when the bytes do not hold exactly that."""
+    ends = np.flatnonzero(data < 0x80)
+    if ends.size != count:
+        raise Rejected("wrong_count", f"index section holds {ends.size} varints, the header says {count}")
+    if count and ends[-1] != data.size - 1:
+        raise Rejected("truncated", "the index section ends inside a varint")
+    if count == 0:
+        if data.size:
+            raise Rejected("malformed", "index bytes present for zero entries")
+        return np.zeros(0, dtype=np.uint64)
+    starts = np.empty_like(ends)
+    starts[0] = 0
+    starts[1:] = ends[:-1] + 1
+    lengths = ends - starts + 1
+    longest = lengths == _MAX_VARINT  # a 10th byte may carry only the 64th bit
+    if lengths.max() > _MAX_VARINT or (data[ends[longest]] > 1).any():
+        raise Rejected("malformed", "a varint longer than 64 bits")
+    out = np.zeros(count, dtype=np.uint64)
+    for j in range(int(lengths.max())):
+        has = lengths > j
+        out[has] |= (data[starts[has] + j].astype(np.uint64) & np.uint64(0x7F)) << np.uint64(7 * j)
+    return out
+
+
+def encode_indices(indices: np.ndarray, n: int) -> tuple[int, np.ndarray]:
+    """Sorted unique indices as (kind, bytes): delta-encoded varints or a bitmap, whichever is smaller."""
+    deltas = np.diff(indices.astype(np.int64), prepend=0)  # the first delta is the first index itself
+    varints = encode_varints(deltas.astype(np.uint64))
+    if varints.size <= (n + 7) // 8:
+        return INDEX_VARINT, varints
+    mask = np.zeros(n, dtype=bool)
+    mask[indices] = True
+    return INDEX_BITMAP, np.packbits(mask, bitorder="little")
+
+
+def decode_indices(kind: int, data: np.ndarray, n: int, k: int) -> np.ndarray:
+    """Indices (int64) of `k` entries of an `n`-vector; strictly increasing and in range, or `Rejected`."""
+    if kind == INDEX_BITMAP:
+        if data.size != (n + 7) // 8:
+            raise Rejected("wrong_count", f"bitmap of {data.size} bytes for {n} entries")
+        bits = np.unpackbits(data, bitorder="little")
+        if bits[n:].any():
+            raise Rejected("index_out_of_range", "bitmap marks entries past the vector's end")
+        indices = np.flatnonzero(bits[:n])
+        if indices.size != k:
+            raise Rejected("wrong_count", f"bitmap marks {indices.size} entries, the header says {k}")
+        return indices.astype(np.int64)
+    if kind != INDEX_VARINT:
+        raise Rejected("malformed", f"unknown index kind {kind}")
+    deltas = decode_varints(data, k)
+    if k and (deltas[1:] == 0).any():
+        raise Rejected("unsorted_indices", "indices repeat (a zero delta)")
+    if k and (deltas[1:] >= np.uint64(1 << 63)).any():
+        raise Rejected("unsorted_indices", "indices decrease (a negative delta)")
+    if k and (deltas > np.uint64(n)).any():
+        raise Rejected("index_out_of_range", "an index delta past the vector's end")
+    indices = np.cumsum(deltas.astype(np.int64))  # each delta <= n: no overflow
+    if k and indices[-1] >= n:
+        raise Rejected("index_out_of_range", f"index {int(indices[-1])} in a vector of {n}")
+    return indices
+
+
+# ------------------------------------------------------------------------------ quantisation
+
+
+def levels(bits: int) -> int:
+    """Largest quantised magnitude: values become integers in [-L, L]. 2 bits: ternary (L = 1)."""
+    return (1 << (bits - 1)) - 1
+
+
+def quantise(values: np.ndarray, bits: int, chunk: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Stochastic rounding to integers in [-L, L] with a scale per chunk; returns (q as uint8 offset by L,
+    float32 scales). Unbiased: E[q * scale] = value; |q * scale - value| < scale = max|chunk| / L."""
+    lv = levels(bits)
+    n = values.size
+    nchunks = -(-n // chunk)
+    padded = np.zeros(nchunks * chunk, dtype=np.float32)
+    padded[:n] = values
+    blocks = padded.reshape(nchunks, chunk)
+    scales = (np.abs(blocks).max(axis=1) / lv).astype(np.float32)
+    safe = np.where(scales > 0, scales, np.float32(1.0))
+    scaled = blocks / safe[:, None]
+    q = np.floor(scaled + rng.random(scaled.shape, dtype=np.float32))
+    np.clip(q, -lv, lv, out=q)
+    return (q.reshape(-1)[:n] + lv).astype(np.uint8), scales
+
+
+def dequantise(q: np.ndarray, scales: np.ndarray, bits: int, chunk: int) -> np.ndarray:
+    lv = levels(bits)
+    per = np.repeat(scales, chunk)[: q.size]
+    return (q.astype(np.float32) - np.float32(lv)) * per
+
+
+def pack_bits(q: np.ndarray, bits: int) -> np.ndarray:
+    """uint8 values of `bits` bits each, packed little-endian within each byte."""
+    if bits == 8:
+        return q.astype(np.uint8)
+    per = 8 // bits
+    padded = np.zeros(-(-q.size // per) * per, dtype=np.uint8)
+    padded[: q.size] = q
+    shifts = (np.arange(per, dtype=np.uint8) * bits).astype(np.uint8)
+    return np.bitwise_or.reduce(padded.reshape(-1, per) << shifts, axis=1).astype(np.uint8)
+
+
+def unpack_bits(data: np.ndarray, bits: int, count: int) -> np.ndarray:
+    if bits == 8:
+        return data[:count]
+    per = 8 // bits
+    shifts = (np.arange(per, dtype=np.uint8) * bits).astype(np.uint8)
+    return ((data[:, None] >> shifts) & np.uint8((1 << bits) - 1)).reshape(-1)[:count]
+
+
+def value_bytes(k: int, bits: int) -> int:
+    return 4 * k if bits == 32 else -(-k * bits // 8)
+
+
+def scale_count(k: int, bits: int, chunk: int) -> int:
+    return 0 if bits == 32 else -(-k // chunk)
+
+
+# ------------------------------------------------------------------------------ payloads
+
+
+def top_k(x: np.ndarray, ratio: float) -> np.ndarray:
+    """Sorted indices of the ceil(ratio * n) largest |x| (all of them when ratio is 1)."""
+    n = x.size
+    k = min(n, max(1, int(np.ceil(ratio * n)))) if n else 0
+    if k == n:
+        return np.arange(n, dtype=np.int64)
+    idx = np.argpartition(np.abs(x), n - k)[n - k :]
+    idx.sort()
+    return idx.astype(np.int64)
+
+
+def compress(x: np.ndarray, scheme: Scheme, rng: np.random.Generator) -> bytes:
+    """The payload of flat float32 update `x` under `scheme`."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    n = x.size
+    if scheme.ratio < 1.0:
+        idx = top_k(x, scheme.ratio)
+        kind, index_bytes = encode_indices(idx, n)
+        values = x[idx]
+    else:
+        kind, index_bytes, values = INDEX_DENSE, np.zeros(0, dtype=np.uint8), x
+    k = values.size
+    if scheme.bits == 32:
+        body_parts = [index_bytes.tobytes(), values.astype("<f4").tobytes()]
+    else:
+        q, scales = quantise(values, scheme.bits, scheme.chunk, rng)
+        body_parts = [index_bytes.tobytes(), scales.astype("<f4").tobytes(), pack_bits(q, scheme.bits).tobytes()]
+    body = b"".join(body_parts)
+    header = _HEADER.pack(MAGIC, scheme.bits, kind, n, k, scheme.chunk, index_bytes.size, checksum(body))
+    return header + body
+
+
+@dataclass(frozen=True)
+class PayloadInfo:
+    n: int
+    k: int
+    bits: int
+    index_kind: int
+    nbytes: int
+
+
+def payload_info(payload: bytes | memoryview) -> PayloadInfo:
+    """The header's claims, checked for shape only (`decompress` checks the rest)."""
+    if len(payload) < _HEADER.size:
+        raise Rejected("truncated", f"{len(payload)} bytes, a compressed update's header alone is {_HEADER.size}")
+    magic, bits, kind, n, k, _chunk, _ib, _crc = _HEADER.unpack_from(payload)
+    if magic != MAGIC:
+        raise Rejected("malformed", "not a compressed update (bad magic)")
+    return PayloadInfo(n, k, bits, kind, len(payload))
+
+
+def decompress(payload: bytes | memoryview, n_expected: int) -> np.ndarray:
+    """The dense float32 update of length `n_expected` in `payload`, after checking every part of it."""
+    info = payload_info(payload)
+    _magic, bits, kind, n, k, chunk, index_nbytes, crc = _HEADER.unpack_from(payload)
+    if bits not in BITS:
+        raise Rejected("unsupported_bits", f"bit width {bits}; the format has {BITS}")
+    if n != n_expected:
+        raise Rejected("wrong_count", f"update of {n} values, the model has {n_expected}")
+    if k > n or (kind == INDEX_DENSE and k != n):
+        raise Rejected("wrong_count", f"{k} values for a vector of {n}")
+    if kind == INDEX_DENSE and index_nbytes:
+        raise Rejected("malformed", "a dense update with an index section")
+    if bits != 32 and not 1 <= chunk <= 1 << 24:
+        raise Rejected("malformed", f"quantisation chunk {chunk}")
+    n_scales = scale_count(k, bits, chunk)
+    want = _HEADER.size + index_nbytes + 4 * n_scales + value_bytes(k, bits)
+    if info.nbytes < want:
+        raise Rejected("truncated", f"{info.nbytes} bytes, the header describes {want}")
+    if info.nbytes > want:
+        raise Rejected("wrong_count", f"{info.nbytes} bytes, the header describes {want}")
+    body = memoryview(payload)[_HEADER.size :]
+    if checksum(body) != crc:
+        raise Rejected("checksum_mismatch", "compressed update's CRC-32C differs from its header")
+    raw = np.frombuffer(body, dtype=np.uint8)
+    pos = index_nbytes
+    idx = decode_indices(kind, raw[:pos], n, k) if kind != INDEX_DENSE else None
+    if bits == 32:
+        values = raw[pos:].view("<f4").astype(np.float32)
+    else:
+        scales = raw[pos : pos + 4 * n_scales].view("<f4").astype(np.float32)
+        if not np.isfinite(scales).all() or (scales < 0).any():
+            raise Rejected("non_finite", "a quantisation scale is negative, NaN or Inf")
+        q = unpack_bits(raw[pos + 4 * n_scales :], bits, k)
+        if (q > 2 * levels(bits)).any():
+            raise Rejected("malformed", f"a quantised value outside the {bits}-bit levels")
+        values = dequantise(q, scales, bits, chunk)
+    if not np.isfinite(values).all():
+        raise Rejected("non_finite", "the update contains NaN or Inf")
+    if idx is None:
+        return values
+    dense = np.zeros(n, dtype=np.float32)
+    dense[idx] = values
+    return dense
+
+
+@dataclass
+class ErrorFeedback:
+    """What compression left out, added to the next update (Seide et al. 2014; Karimireddy et al. 2019)."""
+
+    residual: np.ndarray
+
+    @classmethod
+    def zeros(cls, n: int) -> ErrorFeedback:
+        return cls(np.zeros(n, dtype=np.float32))
+
+    def step(self, update: np.ndarray, scheme: Scheme, rng: np.random.Generator) -> tuple[bytes, np.ndarray]:
+        """Compress update + residual; returns the payload and the residual to keep if the server takes it
+        (the caller commits it only then: a rejected update was not applied, so its residual is void)."""
+        target = update + self.residual
+        payload = compress(target, scheme, rng)
+        return payload, target - decompress(payload, target.size)
