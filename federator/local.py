@@ -109,7 +109,8 @@ class LocalRun:
             self.clients.append(self._spawn(
                 ["client", "--server", f"127.0.0.1:{self.grpc_port}", "--config", str(self.manifest),
                  "--name", f"worker-{i}", "--metrics-port", "-1", "--threads", str(threads)],
-                f"worker-{i}.log", self._env(FEDERATOR_TOKEN=self.token),
+                f"worker-{i}.log", self._env(FEDERATOR_TOKEN=self.token,
+                                             FEDERATOR_RESIDUAL_DIR=str(self.out / "residuals")),
             ))
 
     def status(self) -> dict[str, Any] | None:

@@ -32,6 +32,7 @@ from federator.api.models import (
     FederationStatus,
     ReputationSpec,
     ServerSpec,
+    UplinkCompressionSpec,
     VolumeSource,
 )
 
@@ -46,6 +47,14 @@ HEADER = (
 
 # Cross-field rules, keyed by the model they belong to. Each mirrors a `model_validator` in models.py.
 CEL_RULES: dict[type[BaseModel], list[dict[str, str]]] = {
+    UplinkCompressionSpec: [
+        {
+            "rule": "!has(self.errorFeedback) || !self.errorFeedback || "
+                    "(has(self.topK) && self.topK < 1.0) || (has(self.bits) && self.bits < 32)",
+            "message": "errorFeedback needs a lossy uplink: set topK below 1 or bits to 8, 4 or 2",
+            "fieldPath": ".errorFeedback",
+        },
+    ],
     ClientsSpec: [
         {
             "rule": "!has(self.perRound) || self.perRound <= self.count",

@@ -359,6 +359,63 @@ class ByzantineSpec(Strict):
     attack: AttackSpec | None = None
 
 
+# --------------------------------------------------------------------------------------- compression
+
+CompressionBits = Literal[2, 4, 8, 32]
+
+
+class UplinkCompressionSpec(Strict):
+    """How a client's update (its model minus the global model it trained from) travels to the server."""
+
+    topK: Annotated[
+        float,
+        Field(gt=0.0, le=1.0, description="Fraction of the update's entries sent: the largest in magnitude "
+                                          "(0.01 = top 1%). 1 sends all of them."),
+    ] = 1.0
+    bits: Annotated[
+        CompressionBits,
+        Field(description="Quantise the sent values to 8, 4 or 2 bits (stochastic rounding, one scale per "
+                          "chunk); 32 sends float32."),
+    ] = 32
+    errorFeedback: Annotated[
+        bool,
+        Field(description="Add what compression left out to the client's next update (kept per client)."),
+    ] = False
+    chunk: Annotated[int, Field(ge=16, le=65536, description="Values that share one quantisation scale.")] = 256
+
+    @property
+    def enabled(self) -> bool:
+        return self.topK < 1.0 or self.bits < 32
+
+    @model_validator(mode="after")
+    def _feedback_needs_loss(self) -> UplinkCompressionSpec:
+        if self.errorFeedback and not self.enabled:
+            raise ValueError("errorFeedback needs a lossy uplink: set topK below 1 or bits to 8, 4 or 2")
+        return self
+
+
+class DownlinkCompressionSpec(Strict):
+    """How the global model travels to a worker that holds the previous version: as a quantised delta."""
+
+    bits: Annotated[
+        CompressionBits,
+        Field(description="Quantise the delta from the worker's version to 8, 4 or 2 bits; 32 sends the "
+                          "full model every round. New or lagging workers always get the full model."),
+    ] = 32
+    chunk: Annotated[int, Field(ge=16, le=65536, description="Values that share one quantisation scale.")] = 256
+
+    @property
+    def enabled(self) -> bool:
+        return self.bits < 32
+
+
+class CompressionSpec(Strict):
+    """Compressed updates both ways (top-k, quantisation, error feedback); off by default."""
+
+    uplink: UplinkCompressionSpec = UplinkCompressionSpec()
+    downlink: DownlinkCompressionSpec = DownlinkCompressionSpec()
+
+
 # -------------------------------------------------------------------------------------------- server
 
 
@@ -409,6 +466,7 @@ class FederationSpec(Strict):
     clients: ClientsSpec = ClientsSpec()
     aggregation: AggregationSpec = AggregationSpec()
     byzantine: ByzantineSpec = ByzantineSpec()
+    compression: CompressionSpec = CompressionSpec()
     server: ServerSpec = ServerSpec()
     monitoring: MonitoringSpec = MonitoringSpec()
 

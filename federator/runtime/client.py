@@ -22,9 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import numpy as np
 import torch
 
 from federator.api.models import Federation
+from federator.runtime import compression as comp
 from federator.runtime.aggregation.attacks import local_data
 from federator.runtime.config import load_federation_config, read_tokens
 from federator.runtime.data import ArrayDataset, FederatedData, load_silo_data, prepare_data
@@ -33,10 +35,12 @@ from federator.runtime.metrics import ClientMetrics
 from federator.runtime.models import build_model
 from federator.runtime.proto import federator_pb2 as pb
 from federator.runtime.proto import federator_pb2_grpc as pb_grpc
+from federator.runtime.residuals import ResidualStore
 from federator.runtime.training import Params, get_params, set_params, train_local
 from federator.runtime.transport import (
     RECONNECT_BACKOFF_MAX,
     BlobAssembler,
+    Rejected,
     encode,
     layout_from_specs,
     read_chunk,
@@ -99,7 +103,8 @@ class Worker:
     def __init__(self, fed: Federation, server: str, token: str, name: str | None = None,
                  silo: str | None = None, silo_data: ArrayDataset | None = None,
                  metrics: ClientMetrics | None = None, reconnect_seconds: float = 600.0,
-                 tls_ca: bytes | None = None, tls_server_name: str | None = None) -> None:
+                 tls_ca: bytes | None = None, tls_server_name: str | None = None,
+                 residual_dir: Path | None = None) -> None:
         self.fed = fed
         self.spec = fed.spec
         self.server = server
@@ -111,7 +116,10 @@ class Worker:
         self.reconnect_seconds = reconnect_seconds
         self._data: FederatedData | None = None
         self._model: torch.nn.Module | None = None
-        self._cached: tuple[int, Params] | None = None  # (version, global params)
+        self._cached: tuple[int, Params] | None = None  # (version, global params): one copy for every client
+        up = self.spec.compression.uplink
+        self.uplink = comp.Scheme(ratio=up.topK, bits=up.bits, chunk=up.chunk) if up.enabled else None
+        self.residuals = ResidualStore(residual_dir, fed.metadata.name) if up.errorFeedback else None
         self._task_id = ""
         self._stop = threading.Event()
         self.tasks_done = 0
@@ -239,7 +247,19 @@ class Worker:
             for _ in stream:
                 pass
             return header, None
-        params = receive_model(header, stream)
+        received = receive_model(header, stream)
+        if not header.compressed:
+            params = received
+        else:  # a delta from the version this worker said it holds
+            held = self._cached
+            try:
+                if held is None or held[0] != header.delta_base:
+                    raise Rejected("stale_version", "a delta from a version this worker does not hold")
+                params = comp.decode_update(received[comp.COMPRESSED].numpy().data, held[1])
+            except Rejected as exc:
+                log.warning("global model delta unusable (%s); asking for the full model", exc)
+                self._cached = None
+                return header, None
         self._cached = (header.version, params)
         return header, params
 
@@ -271,12 +291,21 @@ class Worker:
                              global_params=params if self.spec.training.proximalMu > 0 else None)
         self.metrics.train_seconds.labels(client=header.client_id).observe(result.seconds)
         self.metrics.samples.labels(client=header.client_id).inc(result.num_samples)
-        enc = encode(get_params(model), joined.chunk_bytes)
+        trained = get_params(model)
+        residual = None
+        if self.uplink is None:
+            enc = encode(trained, joined.chunk_bytes)
+        else:
+            n = comp.float_count(params)
+            before = self.residuals.get(header.client_id, n) if self.residuals is not None else None
+            payload, residual = comp.encode_update(trained, params, self.uplink, before,
+                                                   np.random.default_rng(seed))
+            enc = encode(comp.payload_tensors(payload), joined.chunk_bytes)
         update_header = pb.UpdateHeader(
             token=self.token, worker_id=joined.worker_id, task_id=header.task_id, round=header.round,
             client_id=header.client_id, base_version=header.version, num_samples=result.num_samples,
             train_loss=result.loss, train_seconds=result.seconds, tensors=list(enc.specs),
-            total_bytes=enc.total_bytes,
+            total_bytes=enc.total_bytes, compressed=self.uplink is not None,
         )
 
         def messages() -> Iterator[pb.UpdateMessage | bytes]:
@@ -288,6 +317,8 @@ class Worker:
         outcome = "accepted" if reply.accepted else "rejected"
         self.metrics.tasks.labels(outcome=outcome).inc()
         self.tasks_done += 1
+        if reply.accepted and self.residuals is not None and residual is not None:
+            self.residuals.put(header.client_id, residual)  # only what the server took moves the residual on
         if not reply.accepted:
             log.warning("update for %s round %d not accepted: %s %s", header.client_id, header.round,
                         reply.reason, reply.detail)
@@ -321,7 +352,9 @@ def main(args: argparse.Namespace) -> int:
     worker = Worker(fed, args.server, tokens[0], name=args.name, silo=args.silo, silo_data=silo_data,
                     metrics=metrics, reconnect_seconds=float(os.environ.get("FEDERATOR_RECONNECT_SECONDS", "600")),
                     tls_ca=Path(args.tls_ca).read_bytes() if args.tls_ca else None,
-                    tls_server_name=args.tls_server_name)
+                    tls_server_name=args.tls_server_name,
+                    residual_dir=Path(os.environ["FEDERATOR_RESIDUAL_DIR"]) if os.environ.get("FEDERATOR_RESIDUAL_DIR")
+                    else None)
     terminated = threading.Event()
 
     def _on_sigterm(signum: int, _frame: object) -> None:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from federator.runtime.transport import Rejected, checksum
+from federator.runtime.transport import Layout, Rejected, TensorLayout, checksum
 
 MAGIC = b"FZC1"
 BITS = (2, 4, 8, 32)  # 32: float32 values, no quantisation
@@ -358,3 +358,60 @@ class ErrorFeedback:
         target = update + self.residual
         payload = compress(target, scheme, rng)
         return payload, target - decompress(payload, target.size)
+
+
+# ------------------------------------------------------------------------------ model updates both ways
+
+COMPRESSED = "compressed"  # the name of the one uint8 tensor that carries a payload through the transport
+
+
+def payload_tensors(payload: bytes) -> dict[str, torch.Tensor]:
+    """A payload as the state dict the transport streams (one uint8 tensor)."""
+    return {COMPRESSED: torch.from_numpy(np.frombuffer(payload, dtype=np.uint8).copy())}
+
+
+def payload_layout(nbytes: int) -> Layout:
+    """The layout a receiver expects for a payload of `nbytes` (as declared; bounded by the caller)."""
+    return Layout((TensorLayout(COMPRESSED, "uint8", (nbytes,), 0, nbytes),), nbytes)
+
+
+def max_payload_bytes(n: int) -> int:
+    """More than any valid payload of an `n`-value update can take (header, bitmap, float32 values)."""
+    return _HEADER.size + (n + 7) // 8 + 4 * n + 64
+
+
+def float_count(params: Mapping[str, torch.Tensor]) -> int:
+    return sum(params[k].numel() for k in float_names(params))
+
+
+def encode_update(trained: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor], scheme: Scheme,
+                  residual: np.ndarray | None, rng: np.random.Generator) -> tuple[bytes, np.ndarray | None]:
+    """A client's payload for `trained - base`, plus its new residual when error feedback is on."""
+    names = float_names(base)
+    delta = model_delta(trained, base, names)
+    if residual is None:
+        return compress(delta, scheme, rng), None
+    return ErrorFeedback(residual).step(delta, scheme, rng)
+
+
+def decode_update(payload: bytes | memoryview, base: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The model a payload describes: `base` plus its checked delta (`Rejected` on any malformed part)."""
+    names = float_names(base)
+    return apply_delta(base, decompress(payload, float_count(base)), names)
+
+
+@dataclass(frozen=True)
+class DownlinkStep:
+    """One compressed step of the global model: the payload, and what a worker holds after applying it."""
+
+    payload: bytes
+    held: dict[str, torch.Tensor]
+
+
+def downlink_step(held: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor], scheme: Scheme,
+                  rng: np.random.Generator) -> DownlinkStep:
+    """Compress `target - held`. The new `held` is computed exactly as the worker will (`decode_update`), so
+    server and workers agree bit for bit, and the next delta is taken from it: the quantisation error never
+    accumulates beyond one step."""
+    payload = compress(model_delta(target, held, float_names(held)), scheme, rng)
+    return DownlinkStep(payload, decode_update(payload, held))

@@ -55,9 +55,12 @@ class ServerMetrics:
             clients_connected=gauge("federator_clients_connected", "Workers and silos currently joined"),
             updates=counter("federator_client_updates", "Client updates by outcome", ("outcome",)),
             rejections=counter("federator_update_rejections", "Rejected updates by reason", ("reason",)),
-            bytes_sent=counter("federator_bytes_sent", "Model bytes sent to clients"),
-            bytes_received=counter("federator_bytes_received", "Update bytes received from clients"),
-            compression_ratio=gauge("federator_compression_ratio", "Uncompressed / sent bytes of updates"),
+            bytes_sent=counter("federator_bytes_sent", "Bytes of model messages sent to workers (gRPC message sizes)"),
+            bytes_received=counter("federator_bytes_received",
+                                   "Bytes of update messages received from workers (gRPC message sizes)"),
+            compression_ratio=Gauge("federator_compression_ratio",
+                                    "Uncompressed model bytes over wire bytes, per direction (uplink, downlink)",
+                                    (*LABELS, "direction"), registry=reg),
             byzantine_flagged=counter("federator_byzantine_flagged", "Updates flagged as Byzantine and left out",
                                       ("reason",)),
             anomaly_score=Gauge("federator_client_anomaly_score", "Last anomaly score of a client's update",
@@ -65,7 +68,7 @@ class ServerMetrics:
             pending_tasks=gauge("federator_pending_tasks", "Training tasks queued and not yet assigned"),
         )
         # bind the constant labels once; children are what the server updates
-        for metric in (m.round, m.accuracy, m.loss, m.clients_connected, m.compression_ratio, m.pending_tasks):
+        for metric in (m.round, m.accuracy, m.loss, m.clients_connected, m.pending_tasks):
             metric.labels(**lv)
         for c in (m.rounds_total, m.bytes_sent, m.bytes_received):
             c.labels(**lv)
@@ -74,7 +77,8 @@ class ServerMetrics:
         for outcome in ("accepted", "rejected", "late"):
             m.updates.labels(**lv, outcome=outcome)
         m.round_duration.labels(**lv)
-        m.compression_ratio.labels(**lv).set(1.0)
+        for direction in ("uplink", "downlink"):
+            m.compression_ratio.labels(**lv, direction=direction).set(1.0)
         return m
 
 

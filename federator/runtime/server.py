@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from federator.api.models import Federation, FederationSpec
+from federator.runtime import compression as comp
 from federator.runtime.aggregation import (
     AggregationPipeline,
     AggregationState,
@@ -43,20 +44,20 @@ from federator.runtime.byzantine import ReputationState, is_quarantined
 from federator.runtime.checkpoint import load_checkpoint, save_checkpoint
 from federator.runtime.config import load_federation_config, read_tokens
 from federator.runtime.data import prepare_data
+from federator.runtime.downlink import Downlink
 from federator.runtime.httpserver import StatusHTTPServer
 from federator.runtime.metrics import ServerMetrics
 from federator.runtime.models import build_model, count_parameters
 from federator.runtime.proto import federator_pb2 as pb
 from federator.runtime.proto import federator_pb2_grpc as pb_grpc
+from federator.runtime.traffic import DIRECTIONS, Traffic
 from federator.runtime.training import Params, evaluate, get_params, set_params
 from federator.runtime.transport import (
     DEFAULT_CHUNK_BYTES,
     RECONNECT_BACKOFF_MAX,
     BlobAssembler,
-    Encoded,
     Layout,
     Rejected,
-    encode,
     read_chunk,
     serialize_message,
 )
@@ -166,9 +167,12 @@ class FederationServer:
         self.run_id = secrets.token_hex(8)
         self.phase = "Pending"
         self.message = ""
-        self._resume()
+        held = self._resume()
         self.version = model_version(self.run_id, self.completed)
-        self.encoded: Encoded = encode(self.params, self.chunk_bytes)
+        # the model workers hold (the global one unless the downlink is compressed), and what to send them
+        self.downlink = Downlink(self.spec.compression.downlink, held if held is not None else self.params,
+                                 self.version, self.chunk_bytes)
+        self.uplink = self.spec.compression.uplink
 
         self._cond = threading.Condition()
         self._stopping = threading.Event()
@@ -177,8 +181,6 @@ class FederationServer:
         self.current: RoundState | None = None
         self.silo_stats: dict[str, dict[str, Any]] = {}
         self.participants = 0
-        self.bytes_sent = 0
-        self.bytes_received = 0
 
         self.metrics = ServerMetrics.create(self.name, self.namespace)
         lv = {"federation": self.name, "namespace": self.namespace}
@@ -186,6 +188,8 @@ class FederationServer:
             "round", "rounds_total", "round_duration", "accuracy", "loss", "clients_connected",
             "bytes_sent", "bytes_received", "pending_tasks")}
         self._lv = lv
+        self.traffic = Traffic(self._m["bytes_sent"], self._m["bytes_received"],
+                               {d: self.metrics.compression_ratio.labels(**lv, direction=d) for d in DIRECTIONS})
         self._series: set[str] = set()  # simulated clients with their own anomaly-score series
         self._m["round"].set(self.completed)
         if self.history:
@@ -210,10 +214,12 @@ class FederationServer:
 
     # ------------------------------------------------------------------------------------ lifecycle
 
-    def _resume(self) -> None:
+    def _resume(self) -> Params | None:
+        """Continue from the checkpoint if there is one; returns the model the workers held (compressed
+        downlink) when it was saved."""
         state = load_checkpoint(self.state_dir / CHECKPOINT_FILE)
         if state is None:
-            return
+            return None
         saved_layout = [tuple(x) for x in state["layout"]]
         mine = [(t.name, t.dtype, list(t.shape)) for t in self.layout.tensors]
         if saved_layout != [tuple(x) for x in mine]:
@@ -230,6 +236,8 @@ class FederationServer:
         self.run_id = str(state["run_id"])
         self.resumed = True
         log.info("resumed from checkpoint: %d of %d rounds completed", self.completed, self.spec.rounds)
+        held = state.get("downlink_held")
+        return {k: v.clone() for k, v in held.items()} if held is not None else None
 
     def start(self) -> FederationServer:
         self._grpc.start()
@@ -306,7 +314,7 @@ class FederationServer:
 
     def _run_round(self, rnd: int, attempt: int) -> int | None:
         """One attempt at a round. Returns None when it completed, else the number of updates it got."""
-        sent0, recv0 = self.bytes_sent, self.bytes_received
+        sent0, recv0 = self.traffic.wire["downlink"], self.traffic.wire["uplink"]
         with self._cond:
             sampled = self._sample(rnd, attempt)
             tasks = {}
@@ -357,21 +365,24 @@ class FederationServer:
             "attempts": attempt + 1,
             "started_at": cur.started,
             "ended_at": ended,
-            "bytes_sent": self.bytes_sent - sent0,
-            "bytes_received": self.bytes_received - recv0,
+            "bytes_sent": self.traffic.wire["downlink"] - sent0,
+            "bytes_received": self.traffic.wire["uplink"] - recv0,
+            "compression_ratio": self.traffic.ratios(),
         }
         if self.spec.byzantine.detection is not None:
             record["byzantine"] = self._byzantine_record(rnd, outcome)
         # checkpoint first: a round that /status reports as completed is always on disk
-        self._checkpoint(rnd, [*self.history, record], outcome.state)
+        step = self.downlink.prepare(self.params, model_version(self.run_id, rnd))
+        self._checkpoint(rnd, [*self.history, record], outcome.state,
+                         step.held if self.downlink.scheme is not None else None)
         with self._cond:
             self.agg_state = outcome.state
             self._note_flags(rnd, outcome)
             self.completed = rnd
             self.participants = accepted
             self.history.append(record)
-            self.version = model_version(self.run_id, self.completed)
-            self.encoded = encode(self.params, self.chunk_bytes)
+            self.version = step.version
+            self.downlink.commit(step)
             self.current = None
         self._m["round"].set(rnd)
         self._m["rounds_total"].inc()
@@ -437,7 +448,8 @@ class FederationServer:
             row["quarantined"] = bool(is_quarantined(self.agg_state.reputation, c, nxt))
         return sorted(table.values(), key=lambda r: (-r["rounds"], r["client"]))
 
-    def _checkpoint(self, completed: int, history: list[dict[str, Any]], agg_state: AggregationState) -> None:
+    def _checkpoint(self, completed: int, history: list[dict[str, Any]], agg_state: AggregationState,
+                    held: Params | None = None) -> None:
         save_checkpoint(self.state_dir / CHECKPOINT_FILE, {
             "format": 1,
             "federation": self.name,
@@ -448,6 +460,8 @@ class FederationServer:
             "aggregation": agg_state.to_dict(),
             "history": history,
             "layout": [(t.name, t.dtype, list(t.shape)) for t in self.layout.tensors],
+            # what the workers will hold after this round: uplink deltas are decoded against it
+            "downlink_held": held,
         })
         _write_json_atomic(self.state_dir / "metrics.json", {**self.metrics_document(), "rounds": history})
 
@@ -469,6 +483,7 @@ class FederationServer:
             "model_bytes": self.layout.total_bytes,
             "rounds": self.history,
             "silos": self.silo_stats,
+            "compression": self.compression_document(),
             "aggregation": {"rule": self.spec.aggregation.rule, "buffered": self.pipeline.buffered},
             "flaggedClients": self.flagged_clients(),
             "attack": self._attack_document(),
@@ -517,12 +532,18 @@ class FederationServer:
             "byzantineFlagged": len(flagged),
             "flaggedClients": flagged,
             "byzantine": last.get("byzantine"),
-            "compressionRatio": 1.0,
+            "compressionRatio": self.traffic.ratios()["uplink"],
+            "compression": self.compression_document(),
             "pendingTasks": len(self.queue),
             "message": self.message,
             "roundStartedAt": self.current.started if self.current else None,
             "silos": self.silo_stats,
         }
+
+    def compression_document(self) -> dict[str, Any]:
+        """Compression settings and measured ratios (uncompressed over wire bytes), for /status and metrics.json."""
+        return {"uplink": self.uplink.model_dump(), "downlink": self.spec.compression.downlink.model_dump(),
+                "ratio": self.traffic.ratios(), "wireBytes": dict(self.traffic.wire)}
 
     def _reap_dead_workers(self) -> None:
         """Forget workers that stopped beating and requeue their tasks (caller holds the lock)."""
@@ -639,8 +660,23 @@ class FederationServer:
             return w.silo_samples
         return len(self.data.partitions[int(task.client_id.removeprefix("sim-"))])
 
-    def submit(self, messages: Iterator[bytes]) -> pb.SubmitReply:
+    def submit(self, stream: Iterator[bytes]) -> pb.SubmitReply:
         """Take one update stream of serialized UpdateMessages (a header, then chunk frames)."""
+        wire = [0]
+
+        def counted() -> Iterator[bytes]:
+            for raw in stream:
+                wire[0] += len(raw)
+                yield raw
+
+        messages = counted()
+        try:
+            return self._submit(messages)
+        finally:
+            # every message that arrived counts, whatever became of the update (an unread rest does not)
+            self.traffic.record("uplink", wire[0], wire[0])
+
+    def _submit(self, messages: Iterator[bytes]) -> pb.SubmitReply:
         try:
             first = pb.UpdateMessage.FromString(next(messages))
         except (StopIteration, grpc.RpcError, ValueError):
@@ -680,19 +716,17 @@ class FederationServer:
             if not 0 < h.num_samples <= max(want, 1):
                 return self.reject("malformed", f"num_samples {h.num_samples} is outside 1..{want}", task)
             lease = task.leases
+            base = self.downlink.held  # what the client trained from (its version was checked above)
         try:
-            asm = BlobAssembler(h.tensors, h.total_bytes, self.layout, max_chunk_bytes=self.max_message)
-            for raw in messages:
-                asm.add(read_chunk(raw, pb.UpdateMessage))
-            params = asm.finish()
+            params = self.receive_update(h, messages, base)
         except Rejected as exc:
             return self.reject(exc.reason, exc.detail, task, lease=lease)
         except grpc.RpcError:
             # the client went away mid-upload, or sent a message above gRPC's hard limit (it then got
             # RESOURCE_EXHAUSTED); either way nothing of it was used
             return self.reject("aborted", "the update stream broke off before its end", task, lease=lease)
-        self._m["bytes_received"].inc(h.total_bytes)
-        self.bytes_received += h.total_bytes
+        if h.compressed:  # the ratio's uncompressed side: the same messages with the full model in them
+            self.traffic.record("uplink", 0, self.layout.total_bytes - h.total_bytes)
         with self._cond:
             if cur.closed or task.state != "assigned" or task.worker_id != w.worker_id or task.leases != lease:
                 self.metrics.updates.labels(**self._lv, outcome="late").inc()
@@ -709,6 +743,24 @@ class FederationServer:
             self.metrics.updates.labels(**self._lv, outcome="accepted").inc()
             self._cond.notify_all()
         return pb.SubmitReply(accepted=True)
+
+    def receive_update(self, h: pb.UpdateHeader, messages: Iterator[bytes], base: Params) -> Params:
+        """Assemble and check an update's chunks, then, for a compressed one, decode and check it against
+        `base`: nothing after intake sees anything but a complete, checked model. Raises `Rejected`."""
+        if not h.compressed:
+            layout = self.layout
+        elif h.total_bytes > comp.max_payload_bytes(comp.float_count(base)):
+            raise Rejected("oversized", f"a compressed update of {h.total_bytes} bytes; the model has "
+                           f"{self.layout.total_bytes}")
+        else:
+            layout = comp.payload_layout(h.total_bytes)
+        asm = BlobAssembler(h.tensors, h.total_bytes, layout, max_chunk_bytes=self.max_message)
+        for raw in messages:
+            asm.add(read_chunk(raw, pb.UpdateMessage))
+        params = asm.finish()
+        if not h.compressed:
+            return params
+        return comp.decode_update(params[comp.COMPRESSED].numpy().data, base)
 
     def heartbeat(self, req: pb.HeartbeatRequest) -> pb.HeartbeatReply:
         with self._cond:
@@ -759,17 +811,21 @@ class _Servicer(pb_grpc.FederatorServicer):
             yield pb.TaskMessage(header=pb.TaskHeader(kind=kind, reason=s.phase))
             return
         with s._cond:
-            encoded, version = s.encoded, s.version
-        include = request.have_version != version
-        yield pb.TaskMessage(header=pb.TaskHeader(
+            offer, version = s.downlink.offer(request.have_version), s.version
+        enc = offer.encoded
+        header = pb.TaskMessage(header=pb.TaskHeader(
             kind=pb.TaskHeader.TRAIN, task_id=got.task_id, round=got.round, client_id=got.client_id,
-            version=version, weights_included=include, tensors=list(encoded.specs) if include else [],
-            total_bytes=encoded.total_bytes if include else 0,
+            version=version, weights_included=enc is not None, tensors=list(enc.specs) if enc else [],
+            total_bytes=enc.total_bytes if enc else 0, compressed=offer.compressed, delta_base=offer.delta_base,
         ))
-        if include:
-            yield from encoded.frames()
-            s._m["bytes_sent"].inc(encoded.total_bytes)
-            s.bytes_sent += encoded.total_bytes
+        wire = header.ByteSize()
+        yield header
+        if enc is not None:
+            for frame in enc.frames():
+                wire += len(frame)
+                yield frame
+        # counted once the stream is handed to gRPC in full; the uncompressed side is the full model's bytes
+        s.traffic.record("downlink", wire, wire - (enc.total_bytes if enc else 0) + offer.raw_bytes)
 
     def SubmitUpdate(self, request_iterator: Iterator[bytes],
                      context: grpc.ServicerContext) -> pb.SubmitReply:

@@ -56,6 +56,12 @@ REJECTION_REASONS = (
     "checksum_mismatch",
     "non_finite",
     "aborted",
+    # a compressed update's payload (federator/runtime/compression.py)
+    "truncated",
+    "unsupported_bits",
+    "wrong_count",
+    "index_out_of_range",
+    "unsorted_indices",
 )
 
 

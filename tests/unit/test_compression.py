@@ -214,3 +214,9 @@ def test_scheme_refuses_what_the_format_cannot_carry() -> None:
         c.Scheme(bits=16)
     with pytest.raises(ValueError, match="ratio"):
         c.Scheme(ratio=0.0)
+
+
+def test_every_codec_reason_is_a_rejection_reason() -> None:
+    from federator.runtime.transport import REJECTION_REASONS
+
+    assert set(c.REASONS) <= set(REJECTION_REASONS)

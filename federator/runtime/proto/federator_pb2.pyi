@@ -74,7 +74,7 @@ class TaskRequest(_message.Message):
     def __init__(self, token: _Optional[str] = ..., worker_id: _Optional[str] = ..., have_version: _Optional[int] = ..., wait_seconds: _Optional[float] = ...) -> None: ...
 
 class TaskHeader(_message.Message):
-    __slots__ = ("kind", "task_id", "round", "client_id", "version", "weights_included", "tensors", "total_bytes", "config_json", "reason")
+    __slots__ = ("kind", "task_id", "round", "client_id", "version", "weights_included", "tensors", "total_bytes", "config_json", "reason", "compressed", "delta_base")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         NONE: _ClassVar[TaskHeader.Kind]
@@ -93,6 +93,8 @@ class TaskHeader(_message.Message):
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSED_FIELD_NUMBER: _ClassVar[int]
+    DELTA_BASE_FIELD_NUMBER: _ClassVar[int]
     kind: TaskHeader.Kind
     task_id: str
     round: int
@@ -103,7 +105,9 @@ class TaskHeader(_message.Message):
     total_bytes: int
     config_json: str
     reason: str
-    def __init__(self, kind: _Optional[_Union[TaskHeader.Kind, str]] = ..., task_id: _Optional[str] = ..., round: _Optional[int] = ..., client_id: _Optional[str] = ..., version: _Optional[int] = ..., weights_included: _Optional[bool] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., total_bytes: _Optional[int] = ..., config_json: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+    compressed: bool
+    delta_base: int
+    def __init__(self, kind: _Optional[_Union[TaskHeader.Kind, str]] = ..., task_id: _Optional[str] = ..., round: _Optional[int] = ..., client_id: _Optional[str] = ..., version: _Optional[int] = ..., weights_included: _Optional[bool] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., total_bytes: _Optional[int] = ..., config_json: _Optional[str] = ..., reason: _Optional[str] = ..., compressed: _Optional[bool] = ..., delta_base: _Optional[int] = ...) -> None: ...
 
 class TaskMessage(_message.Message):
     __slots__ = ("header", "chunk")
@@ -114,7 +118,7 @@ class TaskMessage(_message.Message):
     def __init__(self, header: _Optional[_Union[TaskHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
-    __slots__ = ("token", "worker_id", "task_id", "round", "client_id", "base_version", "num_samples", "train_loss", "train_seconds", "tensors", "total_bytes")
+    __slots__ = ("token", "worker_id", "task_id", "round", "client_id", "base_version", "num_samples", "train_loss", "train_seconds", "tensors", "total_bytes", "compressed")
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
@@ -126,6 +130,7 @@ class UpdateHeader(_message.Message):
     TRAIN_SECONDS_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSED_FIELD_NUMBER: _ClassVar[int]
     token: str
     worker_id: str
     task_id: str
@@ -137,7 +142,8 @@ class UpdateHeader(_message.Message):
     train_seconds: float
     tensors: _containers.RepeatedCompositeFieldContainer[TensorSpec]
     total_bytes: int
-    def __init__(self, token: _Optional[str] = ..., worker_id: _Optional[str] = ..., task_id: _Optional[str] = ..., round: _Optional[int] = ..., client_id: _Optional[str] = ..., base_version: _Optional[int] = ..., num_samples: _Optional[int] = ..., train_loss: _Optional[float] = ..., train_seconds: _Optional[float] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., total_bytes: _Optional[int] = ...) -> None: ...
+    compressed: bool
+    def __init__(self, token: _Optional[str] = ..., worker_id: _Optional[str] = ..., task_id: _Optional[str] = ..., round: _Optional[int] = ..., client_id: _Optional[str] = ..., base_version: _Optional[int] = ..., num_samples: _Optional[int] = ..., train_loss: _Optional[float] = ..., train_seconds: _Optional[float] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., total_bytes: _Optional[int] = ..., compressed: _Optional[bool] = ...) -> None: ...
 
 class UpdateMessage(_message.Message):
     __slots__ = ("header", "chunk")
