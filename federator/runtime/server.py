@@ -808,7 +808,9 @@ class _Servicer(pb_grpc.FederatorServicer):
             context.abort(grpc.StatusCode.NOT_FOUND, "this worker was dropped: join again")
         if isinstance(got, str):
             kind = pb.TaskHeader.STOP if got == "stop" else pb.TaskHeader.NONE
-            yield pb.TaskMessage(header=pb.TaskHeader(kind=kind, reason=s.phase))
+            idle = pb.TaskMessage(header=pb.TaskHeader(kind=kind, reason=s.phase))
+            yield idle
+            s.traffic.record("downlink", idle.ByteSize(), idle.ByteSize())
             return
         with s._cond:
             offer, version = s.downlink.offer(request.have_version), s.version

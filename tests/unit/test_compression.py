@@ -220,3 +220,78 @@ def test_every_codec_reason_is_a_rejection_reason() -> None:
     from federator.runtime.transport import REJECTION_REASONS
 
     assert set(c.REASONS) <= set(REJECTION_REASONS)
+
+
+# ------------------------------------------------------------------------------ downlink
+
+
+def model(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"w": torch.randn(40, 30, generator=g), "b": torch.randn(30, generator=g), "n": torch.tensor(seed)}
+
+
+def test_downlink_delta_applied_to_the_held_version_is_the_server_model_within_one_step() -> None:
+    held = model(0)
+    target = {k: v + 0.01 * model(1)[k] if v.is_floating_point() else v for k, v in held.items()}
+    step = c.downlink_step(held, target, c.Scheme(bits=4, chunk=64), rng())
+    on_worker = c.decode_update(step.payload, held)  # what a worker holding `held` computes
+    assert all(torch.equal(on_worker[k], step.held[k]) for k in held)  # bit for bit the server's copy
+    delta = c.model_delta(target, held, ["w", "b"])
+    bound = np.abs(delta).max() / c.levels(4)
+    for k in ("w", "b"):
+        assert float((step.held[k] - target[k]).abs().max()) <= bound * (1 + 1e-5)
+    assert len(step.payload) < 0.2 * 4 * delta.size
+
+
+def test_downlink_error_does_not_accumulate_over_rounds() -> None:
+    from federator.api.models import DownlinkCompressionSpec
+    from federator.runtime.downlink import Downlink
+
+    target = model(0)
+    link = Downlink(DownlinkCompressionSpec(bits=2), target, version=1, chunk_bytes=1 << 20)
+    for r in range(2, 40):
+        target = {k: v + 0.05 * model(r)[k] if v.is_floating_point() else v for k, v in target.items()}
+        prev = link.held
+        link.commit(link.prepare(target, version=r))
+        offer = link.offer(have_version=r - 1)
+        assert offer.compressed and offer.delta_base == r - 1 and offer.encoded is not None
+        step_bound = float(np.abs(c.model_delta(target, prev, ["w", "b"])).max()) / c.levels(2)
+        assert float((link.held["w"] - target["w"]).abs().max()) <= step_bound * (1 + 1e-5)
+    assert link.offer(have_version=39).encoded is None  # holds the current one
+    full = link.offer(have_version=7)  # too far behind: the full (held) model
+    assert not full.compressed and full.encoded is link.full
+
+
+def test_uncompressed_downlink_sends_the_global_model_itself() -> None:
+    from federator.api.models import DownlinkCompressionSpec
+    from federator.runtime.downlink import Downlink
+
+    link = Downlink(DownlinkCompressionSpec(), model(0), version=1, chunk_bytes=1 << 20)
+    nxt = model(1)
+    link.commit(link.prepare(nxt, version=2))
+    assert link.held is nxt
+    offer = link.offer(have_version=1)
+    assert not offer.compressed and offer.encoded is link.full
+
+
+def test_uplink_round_trip_through_encode_and_decode_update() -> None:
+    base, trained = model(0), model(1)
+    payload, residual = c.encode_update(trained, base, c.Scheme(ratio=0.05, bits=8), np.zeros(1230, np.float32),
+                                        rng())
+    assert residual is not None
+    out = c.decode_update(payload, base)
+    delta = c.model_delta(trained, base, ["w", "b"])
+    np.testing.assert_allclose(c.model_delta(out, base, ["w", "b"]) + residual, delta, atol=1e-5)
+    assert torch.equal(out["n"], base["n"])
+
+
+def test_validation_refuses_error_feedback_without_loss() -> None:
+    from pydantic import ValidationError
+
+    from federator.api.models import UplinkCompressionSpec
+
+    with pytest.raises(ValidationError, match="errorFeedback needs a lossy uplink"):
+        UplinkCompressionSpec(errorFeedback=True)
+    assert UplinkCompressionSpec(topK=0.01, errorFeedback=True).enabled
+    with pytest.raises(ValidationError):
+        UplinkCompressionSpec(bits=16)  # type: ignore[arg-type]

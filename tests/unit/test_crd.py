@@ -165,6 +165,8 @@ BAD_FEDERATIONS = [
     ("spec.server", {"port": 8080}, ".spec.server.metricsPort", "port and metricsPort must differ"),
     ("spec.data", {"dataset": "npz"}, ".spec.data.path", "path is required when dataset is npz"),
     ("metadata.name", "x" * 46, "", "metadata.name must be at most 45 characters"),
+    ("spec.compression", {"uplink": {"errorFeedback": True, "bits": 32}}, ".spec.compression.uplink.errorFeedback",
+     "errorFeedback needs a lossy uplink"),
 ]
 
 

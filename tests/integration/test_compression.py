@@ -1,0 +1,244 @@
+"""Compressed updates over real gRPC with an in-process server and real workers: accuracy and measured
+ratio on digits, bytes counted on both ends, hostile payloads, a robust rule and restarts."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from federator.api.models import Federation
+from federator.runtime import compression as c
+from federator.runtime.client import ModelCalls, Worker
+from federator.runtime.proto import federator_pb2 as pb
+from federator.runtime.residuals import ResidualStore
+from federator.runtime.server import FederationServer
+from federator.runtime.training import Params
+from federator.runtime.transport import encode, serialize_message
+from tests.helpers.manifests import manifest
+from tests.integration.test_hostile_updates import TOKEN, Hostile, rejections
+
+TOP1_8BIT_EF = {"uplink": {"topK": 0.01, "bits": 8, "errorFeedback": True}}
+
+
+class CountingCalls:
+    """The worker's model calls, counting the serialized size of every message on this end of the wire."""
+
+    def __init__(self, inner: ModelCalls) -> None:
+        self.inner = inner
+        self.received = 0
+        self.sent = 0
+
+    def get_task(self, request: pb.TaskRequest, timeout: float) -> Iterator[bytes]:
+        for raw in self.inner.get_task(request, timeout=timeout):
+            self.received += len(raw)
+            yield raw
+
+    def submit(self, messages: Iterator[Any], timeout: float) -> pb.SubmitReply:
+        def counted() -> Iterator[bytes]:
+            for m in messages:
+                raw = serialize_message(m)
+                self.sent += len(raw)
+                yield raw
+
+        reply: pb.SubmitReply = self.inner.submit(counted(), timeout=timeout)
+        return reply
+
+
+def run_federation(state: Path, doc: dict[str, Any], residuals: Path, workers: int = 2,
+                   ) -> tuple[FederationServer, list[Worker], list[CountingCalls]]:
+    fed = Federation.model_validate(doc)
+    server = FederationServer(fed, state, ["t"]).start()
+    ws = [Worker(fed, f"127.0.0.1:{server.port}", "t", name=f"w{i}", residual_dir=residuals)
+          for i in range(workers)]
+    counters = []
+    for w in ws:
+        counters.append(CountingCalls(w._calls))
+        w._calls = counters[-1]  # type: ignore[assignment]
+    threads = [threading.Thread(target=w.run, daemon=True) for w in ws]
+    for t in threads:
+        t.start()
+    try:
+        server.run()
+        for t in threads:
+            t.join(60)
+    finally:
+        for w in ws:
+            w.close()
+        server.stop()
+    return server, ws, counters
+
+
+def digits(rounds: int, **spec: Any) -> dict[str, Any]:
+    return manifest(rounds=rounds, model={"name": "mlp", "hiddenSizes": [128]},
+                    training={"learningRate": 0.1, "momentum": 0.9},
+                    clients={"count": 4, "perRound": 4, "minPerRound": 4, "workers": 2}, **spec)
+
+
+def metric(server: FederationServer, name: str, **labels: str) -> float:
+    value = server.metrics.registry.get_sample_value(name, {"federation": "test", "namespace": "default", **labels})
+    assert value is not None, name
+    return value
+
+
+def test_top1_8bit_error_feedback_matches_uncompressed_accuracy_at_over_50x(tmp_path: Path) -> None:
+    rounds = 40
+    plain, _, plain_calls = run_federation(tmp_path / "plain", digits(rounds), tmp_path / "r0")
+    small, _, calls = run_federation(tmp_path / "small", digits(rounds, compression=TOP1_8BIT_EF), tmp_path / "r1")
+    assert plain.phase == small.phase == "Succeeded"
+    assert len(small.history) == len(plain.history) == rounds
+    assert small.history[-1]["accuracy"] >= plain.history[-1]["accuracy"] - 0.01, (
+        plain.history[-1]["accuracy"], small.history[-1]["accuracy"])
+
+    # the ratio as measured on the wire: what the same messages would have been uncompressed over their size
+    ratio = small.traffic.ratio_of("uplink")
+    assert ratio >= 50, ratio
+    assert small.traffic.wire["uplink"] * 50 <= plain.traffic.wire["uplink"]  # same rounds, same clients
+    assert plain.traffic.ratio_of("uplink") == 1.0
+    assert small.status()["compressionRatio"] == pytest.approx(ratio, abs=1e-3)
+    assert metric(small, "federator_compression_ratio", direction="uplink") == pytest.approx(ratio)
+    assert small.metrics_document()["compression"]["ratio"]["uplink"] == pytest.approx(ratio, abs=1e-3)
+
+    # bytes the metrics count are the bytes of the gRPC messages the workers sent and received
+    for server, counters in ((plain, plain_calls), (small, calls)):
+        assert metric(server, "federator_bytes_received_total") == sum(x.sent for x in counters)
+        assert metric(server, "federator_bytes_sent_total") == sum(x.received for x in counters)
+        assert server.traffic.wire["uplink"] == sum(x.sent for x in counters)
+    assert sum(r["bytes_received"] for r in small.history) <= small.traffic.wire["uplink"]
+
+
+def test_compression_with_a_robust_rule_survives_server_and_worker_restarts(tmp_path: Path) -> None:
+    """Median over decoded updates; the server is stopped after round 3 and resumed, the workers are new
+    processes' worth of objects: residuals come back from the folder, the held model from the checkpoint."""
+    spec = {"compression": {**TOP1_8BIT_EF, "downlink": {"bits": 8}}, "aggregation": {"rule": "median"}}
+    residuals = tmp_path / "residuals"
+    first, _, _ = run_federation(tmp_path / "state", digits(3, **spec), residuals)
+    assert first.phase == "Succeeded" and first.completed == 3
+    saved = {p.name: np.load(p) for p in residuals.glob("*.npy")}
+    assert len(saved) == 4 and all(np.abs(r).max() > 0 for r in saved.values())
+
+    loaded: dict[str, np.ndarray] = {}
+    original_get = ResidualStore.get
+
+    def recording_get(self: ResidualStore, client_id: str, n: int) -> np.ndarray:
+        got = original_get(self, client_id, n)
+        loaded.setdefault(self._path(client_id).name, got.copy())
+        return got
+
+    ResidualStore.get = recording_get  # type: ignore[method-assign]
+    try:
+        second, _, _ = run_federation(tmp_path / "state", digits(8, **spec), residuals)
+    finally:
+        ResidualStore.get = original_get  # type: ignore[method-assign]
+    assert second.resumed and second.phase == "Succeeded" and second.completed == 8
+    assert [r["round"] for r in second.history] == list(range(1, 9))
+    assert set(loaded) == set(saved)
+    for name, residual in saved.items():  # each client continued exactly where it stopped
+        np.testing.assert_array_equal(loaded[name], residual)
+    assert second.history[-1]["accuracy"] > 0.6
+    assert second.traffic.ratio_of("uplink") >= 50
+
+
+# ------------------------------------------------------------------------------ hostile compressed payloads
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[FederationServer]:
+    doc = manifest(rounds=5, clients={"count": 1, "perRound": 1, "minPerRound": 1, "roundTimeoutSeconds": 60,
+                                      "maxRoundRetries": 50},
+                   compression={"uplink": {"topK": 0.1, "bits": 8}})
+    srv = FederationServer(Federation.model_validate(doc), tmp_path, [TOKEN]).start()
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    yield srv
+    srv.stop()
+    thread.join(10)
+
+
+def compressed_update(h: Hostile, task: pb.TaskHeader, payload: bytes) -> list[pb.UpdateMessage]:
+    enc = encode(c.payload_tensors(payload))
+    header = pb.UpdateHeader(token=TOKEN, worker_id=h.worker_id, task_id=task.task_id, round=task.round,
+                             client_id=task.client_id, base_version=task.version, num_samples=10,
+                             tensors=list(enc.specs), total_bytes=enc.total_bytes, compressed=True)
+    return [pb.UpdateMessage(header=header), *[pb.UpdateMessage(chunk=ch) for ch in enc.chunks(4096)]]
+
+
+def honest_payload(params: Params) -> bytes:
+    trained = {k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v for k, v in params.items()}
+    payload, _ = c.encode_update(trained, params, c.Scheme(ratio=0.1, bits=8), None, np.random.default_rng(0))
+    return payload
+
+
+def with_body(payload: bytes, body: bytes, **fields: int) -> bytes:
+    magic, bits, kind, n, k, chunk, ib, _crc = c._HEADER.unpack_from(payload)
+    v = {"bits": bits, "kind": kind, "n": n, "k": k, "chunk": chunk, "ib": ib, **fields}
+    return c._HEADER.pack(magic, v["bits"], v["kind"], v["n"], v["k"], v["chunk"], v["ib"], c.checksum(body)) + body
+
+
+def sparse(indices: list[int], n: int) -> bytes:
+    """A float32 sparse payload with the given indices, delta-encoded as they come."""
+    deltas = np.diff(np.array(indices, dtype=np.int64), prepend=0).view(np.uint64)
+    idx = c.encode_varints(deltas)
+    body = idx.tobytes() + np.full(len(indices), 0.5, dtype="<f4").tobytes()
+    return c._HEADER.pack(c.MAGIC, 32, c.INDEX_VARINT, n, len(indices), 256, idx.size, c.checksum(body)) + body
+
+
+def _body(p: bytes) -> bytes:
+    return p[c._HEADER.size :]
+
+
+HOSTILE: dict[str, tuple[str, Any]] = {
+    "index out of range": ("index_out_of_range", lambda p, n: sparse([1, 5, n], n)),
+    "repeated index": ("unsorted_indices", lambda p, n: sparse([1, 5, 5], n)),
+    "unsorted indices": ("unsorted_indices", lambda p, n: sparse([9, 5, 12], n)),
+    "wrong value count": ("wrong_count", lambda p, n: with_body(p, _body(p), k=c._HEADER.unpack_from(p)[4] - 1)),
+    "truncated data": ("truncated", lambda p, n: with_body(p, _body(p)[:-7])),
+    "bit width not in the spec": ("unsupported_bits", lambda p, n: with_body(p, _body(p), bits=6)),
+    "checksum": ("checksum_mismatch", lambda p, n: p[:-1] + bytes([p[-1] ^ 1])),
+    "wrong model size": ("wrong_count", lambda p, n: sparse([1, 2], n + 1)),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_hostile_compressed_update_is_rejected_and_the_model_is_unchanged(server: FederationServer,
+                                                                          case: str) -> None:
+    reason, make = HOSTILE[case]
+    before = {k: v.clone() for k, v in server.params.items()}
+    client = Hostile(server.port)
+    task, params = client.task()
+    n = c.float_count(params)
+
+    reply = client.submit(compressed_update(client, task, make(honest_payload(params), n)))
+
+    assert not reply.accepted
+    assert reply.reason == reason, reply.detail
+    assert rejections(server, reason) == 1
+    assert server.completed == 0
+    assert all(torch.equal(before[k], server.params[k]) for k in before)
+
+    # the server lives on, and an honest compressed update becomes exactly base + its decoded delta
+    task, params = client.task()
+    payload = honest_payload(params)
+    good = client.submit(compressed_update(client, task, payload))
+    assert good.accepted, good.detail
+    deadline = time.monotonic() + 30
+    while server.completed < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.completed == 1
+    expected = c.decode_update(payload, params)
+    assert all(torch.equal(server.params[k], expected[k]) for k in expected)
+
+
+def test_a_compressed_update_larger_than_any_valid_one_is_refused_before_it_is_read(
+        server: FederationServer) -> None:
+    client = Hostile(server.port)
+    task, params = client.task()
+    huge = b"\0" * (c.max_payload_bytes(c.float_count(params)) + 1)
+    reply = client.submit(compressed_update(client, task, huge))
+    assert not reply.accepted and reply.reason == "oversized"
