@@ -27,7 +27,7 @@ def test_128mb_model_round_trips_over_grpc(tmp_path: Path) -> None:
     server = FederationServer(fed, tmp_path, ["t"]).start()
     ballast = server.params["ballast"]
     ballast.copy_(torch.linspace(-1, 1, ballast.numel()))  # distinctive content, not zeros
-    server.encoded = encode(server.params)
+    server.downlink.full = encode(server.params)  # its checksums describe the new content
     sent = {k: v.clone() for k, v in server.params.items()}
     worker = Worker(fed, f"127.0.0.1:{server.port}", "t", name="big")
     thread = threading.Thread(target=worker.run, daemon=True)
@@ -39,7 +39,7 @@ def test_128mb_model_round_trips_over_grpc(tmp_path: Path) -> None:
         worker.close()
         server.stop()
     assert server.layout.total_bytes > MB * (1 << 20)
-    assert server.bytes_sent >= MB * (1 << 20) and server.bytes_received >= MB * (1 << 20)
+    assert server.traffic.wire["downlink"] >= MB * (1 << 20) and server.traffic.wire["uplink"] >= MB * (1 << 20)
     assert worker.tasks_done == 1
     # the ballast has no gradient: it must come back bit-identical after two trips through the chunker
     assert torch.equal(server.params["ballast"], sent["ballast"])

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 from federator.api.manifest import load_federation
 from federator.local import LocalRun, write_results
@@ -51,7 +52,7 @@ def test_quickstart_reaches_093_and_leaves_results(tmp_path: Path) -> None:
     assert rounds[-1]["accuracy"] >= 0.93
     assert all(r["participants"] == 10 for r in rounds)
     assert doc["startup_seconds"] > 0 and rounds[-1]["elapsed_seconds"] > 0
-    for plot in ("accuracy.png", "loss.png"):
+    for plot in ("accuracy.png", "loss.png", "bytes.png"):
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     model = torch.load(out / "model.pt", weights_only=True)
     assert {k: tuple(v.shape) for k, v in model.items()} == {
@@ -160,8 +161,11 @@ def test_server_serves_health_metrics_and_status(tmp_path: Path) -> None:
     labels = 'federation="test",namespace="default"'
     for name in ("federator_round", "federator_rounds_total", "federator_model_accuracy", "federator_model_loss",
                  "federator_clients_connected", "federator_pending_tasks", "federator_bytes_sent_total",
-                 "federator_bytes_received_total", "federator_compression_ratio"):
+                 "federator_bytes_received_total"):
         assert f"{name}{{{labels}}}" in text, name
+    ratios = {s.labels["direction"]: s.value for f in text_string_to_metric_families(text)
+              if f.name == "federator_compression_ratio" for s in f.samples}
+    assert ratios == {"uplink": 1.0, "downlink": 1.0}  # uncompressed both ways
     assert f'federator_client_updates_total{{{labels},outcome="accepted"}}' in text
     assert "federator_round_duration_seconds_bucket" in text
     assert st["phase"] in ("Running", "Succeeded") and st["round"] >= 2

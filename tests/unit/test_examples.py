@@ -22,7 +22,7 @@ DOCS = [(path, i, doc) for path in EXAMPLES for i, doc in enumerate(yaml.safe_lo
 
 def test_there_are_examples() -> None:
     names = {p.name for p in EXAMPLES}
-    assert {"quickstart.yaml", "silo-clients.yaml", "autoscaling.yaml", "noniid.yaml"} <= names
+    assert {"quickstart.yaml", "silo-clients.yaml", "autoscaling.yaml", "noniid.yaml", "compression.yaml"} <= names
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
