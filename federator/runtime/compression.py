@@ -89,15 +89,32 @@ def unflatten(flat: np.ndarray, like: Mapping[str, torch.Tensor], names: list[st
 
 
 def model_delta(new: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor], names: list[str]) -> np.ndarray:
-    """new - base over the named tensors, flat float32."""
-    return flatten(new, names) - flatten(base, names)
+    """new - base over the named tensors, flat float32, in one pass (no concatenated copies)."""
+    out = np.empty(sum(base[k].numel() for k in names), dtype=np.float32)
+    pos = 0
+    for k in names:
+        a = new[k].detach().reshape(-1).float().numpy()
+        b = base[k].detach().reshape(-1).float().numpy()
+        np.subtract(a, b, out=out[pos : pos + a.size])
+        pos += a.size
+    return out
 
 
 def apply_delta(base: Mapping[str, torch.Tensor], delta: np.ndarray, names: list[str]) -> dict[str, torch.Tensor]:
-    """base + delta as a new state dict; tensors that are not named are the base's own (not copied)."""
-    added = flatten(base, names) + delta
-    changed = unflatten(added, base, names)
-    return {k: changed.get(k, t) for k, t in base.items()}
+    """base + delta as a new state dict, one pass per tensor; tensors that are not named are the base's own."""
+    out = dict(base)
+    pos = 0
+    for k in names:
+        t = base[k]
+        n = t.numel()
+        if pos + n > delta.size:
+            raise ValueError(f"delta has {delta.size} values, the tensors more")
+        d = torch.from_numpy(delta[pos : pos + n]).reshape(t.shape)
+        out[k] = (t.detach().float() + d).to(t.dtype)
+        pos += n
+    if pos != delta.size:
+        raise ValueError(f"delta has {delta.size} values, the tensors {pos}")
+    return out
 
 
 # ------------------------------------------------------------------------------ varints and bitmaps
@@ -195,25 +212,32 @@ def levels(bits: int) -> int:
 
 def quantise(values: np.ndarray, bits: int, chunk: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Stochastic rounding to integers in [-L, L] with a scale per chunk; returns (q as uint8 offset by L,
-    float32 scales). Unbiased: E[q * scale] = value; |q * scale - value| < scale = max|chunk| / L."""
+    float32 scales). Unbiased: E[q * scale] = value; |q * scale - value| < scale = max|chunk| / L.
+    Works in place on one scratch buffer: at 10M values each extra temporary costs more than the math."""
     lv = levels(bits)
     n = values.size
     nchunks = -(-n // chunk)
-    padded = np.zeros(nchunks * chunk, dtype=np.float32)
-    padded[:n] = values
-    blocks = padded.reshape(nchunks, chunk)
-    scales = (np.abs(blocks).max(axis=1) / lv).astype(np.float32)
-    safe = np.where(scales > 0, scales, np.float32(1.0))
-    scaled = blocks / safe[:, None]
-    q = np.floor(scaled + rng.random(scaled.shape, dtype=np.float32))
-    np.clip(q, -lv, lv, out=q)
-    return (q.reshape(-1)[:n] + lv).astype(np.uint8), scales
+    work = np.zeros(nchunks * chunk, dtype=np.float32)
+    work[:n] = values
+    blocks = work.reshape(nchunks, chunk)
+    scales = np.abs(blocks).max(axis=1)
+    scales /= np.float32(lv)
+    inverse = np.divide(np.float32(1.0), scales, out=np.zeros_like(scales), where=scales > 0)
+    blocks *= inverse[:, None]
+    blocks += rng.random(blocks.shape, dtype=np.float32)
+    np.floor(work, out=work)
+    np.clip(work, -lv, lv, out=work)
+    work += np.float32(lv)
+    return work[:n].astype(np.uint8), scales.astype(np.float32, copy=False)
 
 
 def dequantise(q: np.ndarray, scales: np.ndarray, bits: int, chunk: int) -> np.ndarray:
     lv = levels(bits)
-    per = np.repeat(scales, chunk)[: q.size]
-    return (q.astype(np.float32) - np.float32(lv)) * per
+    out = np.full(scales.size * chunk, lv, dtype=np.float32)
+    out[: q.size] = q
+    out -= np.float32(lv)
+    out.reshape(scales.size, chunk)[...] *= scales[:, None]
+    return out[: q.size]
 
 
 def pack_bits(q: np.ndarray, bits: int) -> np.ndarray:
