@@ -263,8 +263,8 @@ below the payload ratio).
 
 Encode (`encode_update`: delta, error feedback, top-k, quantisation, packing) and decode (`decode_update`:
 every check, then base + delta) of one 10M-parameter update (40 MB of float32), fastest of 3, against the
-{40e6 / LINK_BYTES_PER_SECOND * 1e3:.0f} ms that sending it uncompressed takes on a 1 Gbit/s link. Goal: encode + decode faster
-than that.
+{40e6 / LINK_BYTES_PER_SECOND * 1e3:.0f} ms that sending it uncompressed takes on a 1 Gbit/s link. Goal: encode +
+decode faster than that.
 
 | scheme | encode | decode | payload | ratio | link time / (encode + decode) |
 |---|---:|---:|---:|---:|---:|
