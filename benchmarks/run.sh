@@ -3,6 +3,7 @@
 #   benchmarks/run.sh                      # everything (about 10 minutes on 2 cores)
 #   benchmarks/run.sh --only quickstart    # arguments go to benchmarks/bench_flower.py (see --help)
 #   benchmarks/run.sh transfer             # only model transfer (benchmarks/transfer.py)
+#   benchmarks/run.sh compression          # only compression: accuracy vs ratio, codec throughput
 #   benchmarks/run.sh operator --count 100 # only the operator reconciling Federations against kmock
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,10 +31,12 @@ fi
 # Model transfer against loopback and plain gRPC, and the operator against kmock: no extra virtualenv.
 case "${1:-}" in
   transfer) exec "$VENV/bin/python" benchmarks/transfer.py "${@:2}" ;;
+  compression) exec "$VENV/bin/python" benchmarks/compression.py "${@:2}" ;;
   operator) exec "$VENV/bin/python" benchmarks/operator_reconcile.py "${@:2}" ;;
 esac
 "$VENV/bin/python" benchmarks/bench_flower.py --federator "$VENV/bin/federator" --bench-venv "$BENCH_VENV" "$@"
 if [[ $# -eq 0 ]]; then
   "$VENV/bin/python" benchmarks/transfer.py
+  "$VENV/bin/python" benchmarks/compression.py
   "$VENV/bin/python" benchmarks/operator_reconcile.py
 fi
