@@ -295,3 +295,21 @@ def test_validation_refuses_error_feedback_without_loss() -> None:
     assert UplinkCompressionSpec(topK=0.01, errorFeedback=True).enabled
     with pytest.raises(ValidationError):
         UplinkCompressionSpec(bits=16)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("n,ratio", [(200_000, 0.01), (200_000, 0.3), (70_000, 0.0001), (100, 0.05)])
+def test_top_k_is_exact_on_large_vectors(n: int, ratio: float) -> None:
+    x = update(n, seed=3)
+    x[:50] = 0.0  # ties at the bottom
+    idx = c.top_k(x, ratio)
+    k = int(np.ceil(ratio * n))
+    assert idx.size == k and np.all(np.diff(idx) > 0)
+    expected = np.sort(np.abs(x))[-k:]
+    np.testing.assert_array_equal(np.sort(np.abs(x[idx])), expected)
+
+
+def test_top_k_is_exact_when_the_sample_misjudges() -> None:
+    x = np.zeros(100_000, dtype=np.float32)
+    x[-300:] = np.arange(1, 301)  # the sample (almost surely) sees only zeros: threshold 0 keeps everything
+    idx = c.top_k(x, 0.001)
+    np.testing.assert_array_equal(idx, np.arange(100_000 - 100, 100_000))
