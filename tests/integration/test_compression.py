@@ -15,10 +15,11 @@ import torch
 
 from federator.api.models import Federation
 from federator.runtime import compression as c
+from federator.runtime.checkpoint import load_checkpoint
 from federator.runtime.client import ModelCalls, Worker
 from federator.runtime.proto import federator_pb2 as pb
 from federator.runtime.residuals import ResidualStore
-from federator.runtime.server import FederationServer
+from federator.runtime.server import CHECKPOINT_FILE, FederationServer
 from federator.runtime.training import Params
 from federator.runtime.transport import encode, serialize_message
 from tests.helpers.manifests import manifest
@@ -122,6 +123,9 @@ def test_compression_with_a_robust_rule_survives_server_and_worker_restarts(tmp_
     assert first.phase == "Succeeded" and first.completed == 3
     saved = {p.name: np.load(p) for p in residuals.glob("*.npy")}
     assert len(saved) == 4 and all(np.abs(r).max() > 0 for r in saved.values())
+    held = load_checkpoint(tmp_path / "state" / CHECKPOINT_FILE)["downlink_held"]  # what workers hold
+    assert all(torch.equal(held[k], first.downlink.held[k]) for k in held)
+    assert any(not torch.equal(held[k], first.params[k]) for k in held)  # 8-bit steps: not the exact model
 
     loaded: dict[str, np.ndarray] = {}
     original_get = ResidualStore.get
