@@ -247,21 +247,27 @@ class Worker:
             for _ in stream:
                 pass
             return header, None
-        received = receive_model(header, stream)
-        if not header.compressed:
-            params = received
-        else:  # a delta from the version this worker said it holds
-            held = self._cached
-            try:
-                if held is None or held[0] != header.delta_base:
-                    raise Rejected("stale_version", "a delta from a version this worker does not hold")
-                params = comp.decode_update(received[comp.COMPRESSED].numpy().data, held[1])
-            except Rejected as exc:
-                log.warning("global model delta unusable (%s); asking for the full model", exc)
-                self._cached = None
-                return header, None
+        params = self._global_model(header, receive_model(header, stream))
+        if params is None:
+            return header, None
         self._cached = (header.version, params)
         return header, params
+
+    def _global_model(self, header: pb.TaskHeader, received: Params) -> Params | None:
+        """The global model a download describes: itself, or for a compressed delta the held copy plus the
+        checked delta. None (and the held copy dropped, so the next request asks for the full model) when
+        the delta does not fit what this worker holds or fails its checks."""
+        if not header.compressed:
+            return received
+        held = self._cached
+        try:
+            if held is None or held[0] != header.delta_base:
+                raise Rejected("stale_version", "a delta from a version this worker does not hold")
+            return comp.decode_update(received[comp.COMPRESSED].numpy().data, held[1])
+        except Rejected as exc:
+            log.warning("global model delta unusable (%s); asking for the full model", exc)
+            self._cached = None
+            return None
 
     def _local_data(self, client_id: str) -> ArrayDataset:
         if self.silo_data is not None:

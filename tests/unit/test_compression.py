@@ -313,3 +313,32 @@ def test_top_k_is_exact_when_the_sample_misjudges() -> None:
     x[-300:] = np.arange(1, 301)  # the sample (almost surely) sees only zeros: threshold 0 keeps everything
     idx = c.top_k(x, 0.001)
     np.testing.assert_array_equal(idx, np.arange(100_000 - 100, 100_000))
+
+
+def test_a_worker_applies_a_checked_delta_to_its_one_copy_or_asks_for_the_full_model() -> None:
+    from federator.api.models import Federation
+    from federator.runtime.client import Worker
+    from federator.runtime.proto import federator_pb2 as pb
+    from tests.helpers.manifests import manifest
+
+    worker = Worker(Federation.model_validate(manifest(compression={"downlink": {"bits": 8}})), "127.0.0.1:1", "t")
+    try:
+        held, target = model(0), model(1)
+        step = c.downlink_step(held, target, c.Scheme(bits=8), rng())
+        header = pb.TaskHeader(kind=pb.TaskHeader.TRAIN, version=8, weights_included=True, compressed=True,
+                               delta_base=7)
+        worker._cached = (7, held)
+        got = worker._global_model(header, c.payload_tensors(step.payload))
+        assert got is not None and all(torch.equal(got[k], step.held[k]) for k in held)
+
+        worker._cached = (6, held)  # holds another version: the delta does not apply
+        assert worker._global_model(header, c.payload_tensors(step.payload)) is None
+        assert worker._cached is None  # so the next request asks for the full model
+
+        worker._cached = (7, held)
+        bad = bytearray(step.payload)
+        bad[-1] ^= 0xFF
+        assert worker._global_model(header, c.payload_tensors(bytes(bad))) is None  # checksum
+        assert worker._cached is None
+    finally:
+        worker.close()
