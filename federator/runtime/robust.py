@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 # Columns per block: n * _CHUNK float32 values (1.6 MiB at n = 100) stay in L2 between passes.
@@ -72,38 +74,54 @@ def fedavg(x: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor
     return coef @ x
 
 
+def _sorted_columns(x: torch.Tensor, reduce: Callable[[np.ndarray], np.ndarray]) -> torch.Tensor:
+    """``reduce`` applied to column blocks of x whose coordinates are sorted: ``(c, n)`` in, ``(c,)`` out.
+
+    numpy's sort is vectorised (AVX-512/AVX2 sorting networks for short rows) and about five times
+    faster than torch.sort, torch.kthvalue or torch.topk on rows of ~100 values; it releases the GIL,
+    so blocks are sorted on ``torch.get_num_threads()`` threads.
+    """
+    if x.dtype not in (torch.float32, torch.float64):  # numpy has no bfloat16; half is slow there
+        return _sorted_columns(x.float(), reduce).to(x.dtype)
+    d = x.shape[1]
+    xn = x.detach().cpu().numpy()
+    out = np.empty(d, dtype=xn.dtype)
+
+    def work(cols: slice) -> None:
+        block = np.ascontiguousarray(xn[:, cols].T)  # (c, n): each coordinate's n values contiguous
+        block.sort(axis=1)
+        out[cols] = reduce(block)
+
+    blocks = list(_blocks(d))
+    threads = min(torch.get_num_threads(), len(blocks))
+    if threads <= 1:
+        for cols in blocks:
+            work(cols)
+    else:
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(work, blocks))
+    return torch.from_numpy(out).to(x.device)
+
+
 def coordinate_median(x: torch.Tensor) -> torch.Tensor:
     """Per-coordinate median; for even n the mean of the two middle values (as ``numpy.median``)."""
-    n, d = check_stack(x)
-    out = torch.empty(d, dtype=x.dtype, device=x.device)
+    n, _ = check_stack(x)
     lo, hi = (n - 1) // 2, n // 2
-    for cols in _blocks(d):
-        block = x[:, cols].t().contiguous()  # (c, n): each coordinate's n values contiguous
-        if lo == hi:
-            out[cols] = block.kthvalue(lo + 1, dim=1).values
-        else:
-            two = block.topk(n - lo, dim=1, largest=False, sorted=True).values[:, -2:]
-            out[cols] = two.mean(dim=1)
-    return out
+    if lo == hi:
+        return _sorted_columns(x, lambda srt: srt[:, lo])
+    return _sorted_columns(x, lambda srt: (srt[:, lo] + srt[:, hi]) * 0.5)
 
 
 def trimmed_mean(x: torch.Tensor, trim_fraction: float) -> torch.Tensor:
     """Per-coordinate mean after dropping the ``floor(trim_fraction * n)`` smallest and largest values."""
-    n, d = check_stack(x)
+    n, _ = check_stack(x)
     if not 0.0 <= trim_fraction < 0.5:
         raise ValueError(f"trim_fraction must be in [0, 0.5), got {trim_fraction}")
     k = math.floor(trim_fraction * n)
-    if 2 * k >= n:
-        raise ValueError(f"trim_fraction={trim_fraction} trims all {n} updates; lower it below {0.5 - 0.5 / n:.3f}")
     if k == 0:
         return x.mean(dim=0)
-    out = torch.empty(d, dtype=x.dtype, device=x.device)
     keep = n - 2 * k
-    for cols in _blocks(d):
-        block = x[:, cols].t().contiguous()
-        srt = block.sort(dim=1).values
-        out[cols] = srt[:, k : n - k].sum(dim=1, dtype=torch.float64).div_(keep).to(x.dtype)
-    return out
+    return _sorted_columns(x, lambda srt: srt[:, k : n - k].sum(axis=1, dtype=np.float64) / keep)
 
 
 def _centered_gram(x: torch.Tensor) -> torch.Tensor:
