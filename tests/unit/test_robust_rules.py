@@ -324,3 +324,20 @@ def test_rules_registry_names_every_rule() -> None:
     x = stack(10, 12, 40)
     assert torch.equal(robust.RULES["median"].fn(x), robust.coordinate_median(x))
     assert robust.RULES["krum"].tolerance == "n > 2f + 2"
+
+
+def test_distance_rules_stay_exact_on_long_close_rows() -> None:
+    """Full models (a large common offset, small differences): |a|^2 + |b|^2 - 2ab cancels in float32,
+    so the Gram matrix and the clipping distances must be computed after a translation or directly."""
+    g = torch.Generator().manual_seed(50)
+    x = 100.0 + 1e-2 * torch.randn(12, 3000, generator=g)
+    xn = x.double().numpy()
+    f = 3
+    scores = ref_krum_scores(xn, f)
+    close(robust.krum_scores(x, f), scores, rtol=2e-3, atol=0)
+    assert torch.equal(robust.krum(x, f), x[int(np.argmin(scores))])
+    want = ref_geometric_median(xn, None, 1e-8, 1e-6, 100)
+    close(robust.geometric_median(x) - 100.0, want - 100.0, rtol=0, atol=5e-5)  # float32 ulp at 100: 7.6e-6
+    ref = x[0] + 1e-3
+    want_cc = ref_centered_clipping(xn, ref.double().numpy(), 0.2, 2)
+    close(robust.centered_clipping(x, ref, 0.2, 2) - 100.0, want_cc - 100.0, rtol=0, atol=5e-5)

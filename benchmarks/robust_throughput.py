@@ -1,0 +1,420 @@
+"""Throughput of the robust aggregation rules against byzfl's implementations and the memory floor.
+
+For n in {10, 50, 100} clients and d in {1e5, 1e6} parameters, one stacked float32 update matrix (n, d)
+from a seed; every rule of ``federator.runtime.robust`` runs on it in this process, and byzfl's
+implementation of the same rule runs on the same matrix (rebuilt from the same seed) in a worker
+process of byzfl's own virtualenv, through its numpy path and its torch path; the faster counts. The
+memory floor is one ``torch.sum`` over the matrix. Both processes use the same number of torch threads
+(and OpenBLAS threads). The driver and the worker take turns, configuration by configuration, so they
+never compete for the cores. Times are the fastest of ``--repeats`` calls (one call when the first takes
+over 2 s).
+
+``import byzfl`` imports torchvision (only byzfl's own training benchmark uses it) and no torchvision
+build matches torch 2.13 here, so the worker runs with an inert stand-in ``torchvision`` module on its
+path; no byzfl code that the rules use touches it.
+
+Run from the repository root: ``benchmarks/run.sh robust`` (creates the byzfl virtualenv), or
+``.venv/bin/python benchmarks/robust_throughput.py --byzfl-python VENV/bin/python`` (``--sizes``,
+``--repeats``, ``--threads``, ``--no-doc``, ``--render-only``). It writes its section of
+``docs/benchmarks.md`` and ``docs/bench-robust-throughput.png``; raw numbers go to
+``results/robust-throughput/results.json``. A benchmark, not a test.
+
+This file is also the worker (``--worker``): that part imports only torch, numpy and byzfl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "results" / "robust-throughput" / "results.json"
+PLOT = ROOT / "docs" / "bench-robust-throughput.png"
+SECTION_BEGIN = "<!-- BEGIN robust-throughput (written by benchmarks/robust_throughput.py; edits here are lost) -->"
+SECTION_END = "<!-- END robust-throughput -->"
+SIZES = [(10, 100_000), (50, 100_000), (100, 100_000), (10, 1_000_000), (50, 1_000_000), (100, 1_000_000)]
+GOAL = 5.0
+# The issue's baseline at n=100, d=1e6 (2 cores): byzfl's best per rule, in ms.
+ISSUE_BASELINE_MS = {"median": 1077, "trimmed_mean": 209, "krum": 734, "multi_krum": 953, "geometric_median": 508}
+FRACTION = 0.2  # Byzantine fraction the parameters are set for: f = round(0.2 n), trim 0.2
+TAU = 10.0  # centered clipping radius (norms are about sqrt(d): every row is clipped)
+CLIP = 10.0  # norm clipping bound
+GM_ITERATIONS = 3  # byzfl's GeometricMedian default T; ours runs the same number (tol = 0)
+GM_EPS = 0.1  # byzfl's default nu
+BUCKET = 2
+SLOW_S = 2.0
+STANDIN = '''"""Inert stand-in for torchvision, written by benchmarks/robust_throughput.py.
+
+byzfl imports torchvision for its training benchmark only; no torchvision matches torch 2.13 here.
+Every attribute is an inert object that can be called or looked into.
+"""
+
+
+class _Inert:
+    def __call__(self, *args, **kwargs):
+        return _Inert()
+
+    def __getattr__(self, name):
+        return _Inert()
+
+
+def __getattr__(name):
+    return _Inert()
+'''
+
+
+def make_stack(n: int, d: int, seed: int) -> torch.Tensor:
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+
+
+def fastest(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
+    """Seconds of the fastest call (one call when the first is slow) and the last result."""
+    best = float("inf")
+    out: Any = None
+    for i in range(repeats):
+        start = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - start)
+        if i == 0 and best > SLOW_S:
+            break
+    return best, out
+
+
+def fingerprint(v: Any) -> list[float]:
+    """Sum and squared norm in float64: enough to tell whether two implementations agree."""
+    a = v.detach().double().numpy() if isinstance(v, torch.Tensor) else np.asarray(v, dtype=np.float64)
+    return [float(a.sum()), float((a * a).sum())]
+
+
+def params(n: int) -> dict[str, Any]:
+    return {"f": max(1, round(FRACTION * n))}
+
+
+# --- the byzfl worker (byzfl's virtualenv) -------------------------------------------------------------------
+
+
+def byzfl_jobs(n: int) -> dict[str, Callable[[], Callable[[Any], Any]]]:
+    """Rule name -> a factory of byzfl's callable with the same parameters as ours."""
+    import byzfl
+
+    f = params(n)["f"]
+    return {
+        "fedavg": lambda: byzfl.Average(),
+        "median": lambda: byzfl.Median(),
+        "trimmed_mean": lambda: byzfl.TrMean(f=f),
+        "krum": lambda: byzfl.Krum(f=f),
+        "multi_krum": lambda: byzfl.MultiKrum(f=f),
+        "geometric_median": lambda: byzfl.GeometricMedian(nu=GM_EPS, T=GM_ITERATIONS),
+        "centered_clipping": lambda: byzfl.CenteredClipping(tau=TAU, L=1),
+        "norm_clip": lambda: byzfl.Clipping(c=CLIP),
+        "bucketing": lambda: byzfl.Bucketing(s=BUCKET),
+    }
+
+
+def worker(threads: int) -> int:
+    torch.set_num_threads(threads)
+    for line in sys.stdin:
+        job = json.loads(line)
+        n, d, seed, repeats = job["n"], job["d"], job["seed"], job["repeats"]
+        x = make_stack(n, d, seed)
+        xn = x.numpy()
+        floor, _ = fastest(lambda: torch.sum(x), repeats)  # noqa: B023
+        result: dict[str, Any] = {"floor_s": floor, "input": fingerprint(x), "rules": {}}
+        for rule, factory in byzfl_jobs(n).items():
+            paths = {}
+            for path, data in (("numpy", xn), ("torch", x)):
+                mutates = rule == "norm_clip"  # byzfl's Clipping writes into the caller's array
+                calls = []
+
+                def call(data: Any = data, mutates: bool = mutates, calls: list[float] = calls) -> Any:
+                    arg = data.copy() if mutates and isinstance(data, np.ndarray) else data
+                    if mutates and isinstance(data, torch.Tensor):
+                        arg = data.clone()
+                    agg = factory()  # noqa: B023 - a fresh object per call: no state kept between calls
+                    start = time.perf_counter()
+                    out = agg(arg)
+                    calls.append(time.perf_counter() - start)
+                    return out
+
+                _, out = fastest(call, repeats)
+                paths[path] = {"s": min(calls), "fingerprint": fingerprint(out)}
+            result["rules"][rule] = paths
+        print(json.dumps(result), flush=True)
+    return 0
+
+
+# --- the driver (the project's virtualenv) -------------------------------------------------------------------
+
+
+def our_jobs(n: int, d: int) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    from federator.runtime import robust
+
+    f = params(n)["f"]
+    zeros = torch.zeros(d)
+    return {
+        "fedavg": lambda x: robust.fedavg(x),
+        "median": robust.coordinate_median,
+        "trimmed_mean": lambda x: robust.trimmed_mean(x, f / n),
+        "krum": lambda x: robust.krum(x, f),
+        "multi_krum": lambda x: robust.multi_krum(x, f, n - f),
+        "geometric_median": lambda x: robust.geometric_median(x, eps=GM_EPS, tol=0.0, max_iter=GM_ITERATIONS),
+        "geometric_median_tol": lambda x: robust.geometric_median(x),
+        "centered_clipping": lambda x: robust.centered_clipping(x, zeros, TAU, 1),
+        "norm_clip": lambda x: robust.norm_clip(x, CLIP),
+        "bucketing": lambda x: robust.bucketing(x, BUCKET, torch.Generator().manual_seed(0)),
+    }
+
+
+def write_standin(folder: Path) -> Path:
+    pkg = folder / "torchvision"
+    pkg.mkdir(parents=True, exist_ok=True)
+    (pkg / "__init__.py").write_text(STANDIN)
+    return folder
+
+
+def load() -> str:
+    try:
+        return Path("/proc/loadavg").read_text().split(" ", 3)[:3].__str__()
+    except OSError:
+        return "unknown"
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    import subprocess
+
+    torch.set_num_threads(args.threads)
+    standin = write_standin(RESULTS.parent / "standin")
+    env = dict(os.environ, PYTHONPATH=str(standin), OPENBLAS_NUM_THREADS=str(args.threads))
+    child = subprocess.Popen(
+        [args.byzfl_python, str(Path(__file__).resolve()), "--worker", "--threads", str(args.threads)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=str(ROOT / "benchmarks"),
+    )
+    assert child.stdin is not None and child.stdout is not None
+    versions = subprocess.run(
+        [args.byzfl_python, "-c", "import importlib.metadata as m, numpy, torch; "
+         "print(m.version('byzfl'), numpy.__version__, torch.__version__)"],
+        env=env, capture_output=True, text=True, check=True,
+    ).stdout.split()
+    runs = []
+    load_before = load()
+    started = time.time()
+    try:
+        for n, d in args.sizes:
+            x = make_stack(n, d, seed=n * 7 + d)
+            floor, _ = fastest(lambda x=x: torch.sum(x), args.repeats)
+            ours = {}
+            for rule, fn in our_jobs(n, d).items():
+                seconds, out = fastest(lambda fn=fn, x=x: fn(x), args.repeats)
+                ours[rule] = {"s": seconds, "fingerprint": fingerprint(out)}
+            input_print = fingerprint(x)
+            del x
+            child.stdin.write(json.dumps({"n": n, "d": d, "seed": n * 7 + d, "repeats": args.repeats}) + "\n")
+            child.stdin.flush()
+            theirs = json.loads(child.stdout.readline())
+            if theirs["input"] != input_print:
+                raise RuntimeError(f"n={n}, d={d}: the byzfl worker built different data ({theirs['input']})")
+            runs.append({"n": n, "d": d, "f": params(n)["f"], "floor_s": floor, "byzfl_floor_s": theirs["floor_s"],
+                         "ours": ours, "byzfl": theirs["rules"]})
+            print(summary_lines(runs[-1]), flush=True)
+    finally:
+        child.stdin.close()
+        child.wait(60)
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "minutes": (time.time() - started) / 60,
+        "threads": args.threads, "repeats": args.repeats, "load_before": load_before, "load_after": load(),
+        "torch": torch.__version__, "numpy": np.__version__, "python": sys.version.split()[0],
+        "byzfl": versions[0], "byzfl_numpy": versions[1], "byzfl_torch": versions[2],
+        "runs": runs,
+    }
+
+
+BYZFL_RULES = ["fedavg", "median", "trimmed_mean", "krum", "multi_krum", "geometric_median", "centered_clipping",
+               "norm_clip", "bucketing"]
+SAME_DEFINITION = {"fedavg", "median", "trimmed_mean", "centered_clipping", "norm_clip"}
+NOTES = {
+    "krum": "byzfl scores with n-f-1 neighbours, Blanchard et al. with n-f-2",
+    "multi_krum": "m = n - f (byzfl's choice)",
+    "geometric_median": f"{GM_ITERATIONS} Weiszfeld iterations on both sides (byzfl's default T); "
+    "byzfl starts at 0, ours at the mean",
+    "bucketing": "random permutations differ",
+}
+
+
+def best_byzfl(run: dict[str, Any], rule: str) -> tuple[float, str]:
+    paths = run["byzfl"][rule]
+    path = min(paths, key=lambda p: paths[p]["s"])
+    return paths[path]["s"], path
+
+
+def agrees(run: dict[str, Any], rule: str) -> str:
+    if rule not in SAME_DEFINITION:
+        return "n/a"
+    ours = run["ours"][rule]["fingerprint"]
+    theirs = run["byzfl"][rule][best_byzfl(run, rule)[1]]["fingerprint"]
+    ok = all(abs(a - b) <= 1e-3 * max(1.0, abs(b)) for a, b in zip(ours, theirs, strict=True))
+    return "yes" if ok else "**no**"
+
+
+def summary_lines(run: dict[str, Any]) -> str:
+    lines = [f"n={run['n']} d={run['d']:.0e} floor {1e3 * run['floor_s']:.1f} ms"]
+    for rule in BYZFL_RULES:
+        ours = run["ours"][rule]["s"]
+        theirs, path = best_byzfl(run, rule)
+        lines.append(f"  {rule:18s} ours {1e3 * ours:9.1f} ms  byzfl({path}) {1e3 * theirs:9.1f} ms  "
+                     f"x{theirs / ours:6.1f}  ours/floor {ours / run['floor_s']:5.1f}")
+    return "\n".join(lines)
+
+
+def render(data: dict[str, Any]) -> str:
+    from docsection import cpu_model
+
+    big = next((r for r in data["runs"] if (r["n"], r["d"]) == (100, 1_000_000)), data["runs"][-1])
+    head = "| rule | ours | byzfl best (path) | byzfl / ours | ours / floor | same result | note |\n"
+    head += "|---|---:|---:|---:|---:|---|---|\n"
+    tables = []
+    for run in data["runs"]:
+        rows = [f"| memory floor: `torch.sum` | {1e3 * run['floor_s']:.1f} ms | "
+                f"{1e3 * run['byzfl_floor_s']:.1f} ms (in its process) | | 1.0 | | |"]
+        for rule in BYZFL_RULES:
+            ours = run["ours"][rule]["s"]
+            theirs, path = best_byzfl(run, rule)
+            other = "torch" if path == "numpy" else "numpy"
+            rows.append(
+                f"| {rule} | {1e3 * ours:.1f} ms | {1e3 * theirs:.1f} ms ({path}; {other} "
+                f"{1e3 * run['byzfl'][rule][other]['s']:.0f} ms) | **{theirs / ours:.1f}x** | "
+                f"{ours / run['floor_s']:.1f} | {agrees(run, rule)} | {NOTES.get(rule, '')} |"
+            )
+        gm = run["ours"]["geometric_median_tol"]["s"]
+        rows.append(f"| geometric_median to tol 1e-6 (our default) | {1e3 * gm:.1f} ms | | | "
+                    f"{gm / run['floor_s']:.1f} | | up to 100 iterations |")
+        tables.append(f"**n = {run['n']}, d = {run['d']:,}** (f = {run['f']})\n\n{head}" + "\n".join(rows))
+    verdicts = []
+    for rule in ["median", "trimmed_mean", "krum", "multi_krum", "geometric_median", "centered_clipping", "fedavg"]:
+        ours = big["ours"][rule]["s"]
+        theirs, _ = best_byzfl(big, rule)
+        ratio = theirs / ours
+        verdicts.append(f"{rule} {ratio:.1f}x ({'met' if ratio >= GOAL else '**not met**'})")
+    missed = [v for v in verdicts if "not met" in v]
+    return f"""{SECTION_BEGIN}
+## Robust aggregation throughput against byzfl (`robust_throughput.py`)
+
+Measured {data['date']} by `benchmarks/run.sh robust` in {data['minutes']:.1f} minutes; machine: {os.cpu_count()}
+CPUs (`nproc`), {cpu_model()}; load average before {data['load_before']}, after {data['load_after']} (a shared
+machine: the ratios, measured side by side, are the result; the milliseconds move with the load).
+Federator: Python {data['python']}, torch {data['torch']}, numpy {data['numpy']}. byzfl {data['byzfl']} (torch
+{data['byzfl_torch']}, numpy {data['byzfl_numpy']}) in its own virtualenv, run as a worker process with an **inert
+stand-in `torchvision`** on its path (`import byzfl` imports torchvision for byzfl's training benchmark; no
+torchvision build matches torch 2.13 here; the rules never touch it). {data['threads']} torch threads (and
+OpenBLAS threads) on both sides; the two processes take turns, so they never share the cores. Each time is the
+fastest of {data['repeats']} calls (a single call when the first took over {SLOW_S:g} s) on the same float32 (n, d)
+matrix, built from the same seed on both sides (checked). byzfl runs through its numpy path and its torch path;
+the faster counts. Parameters: f = round({FRACTION} n), trimmed mean trims f per side, Multi-Krum averages n - f,
+centered clipping tau = {TAU:g} with one iteration from a zero reference, norm clipping to {CLIP:g}, buckets of
+{BUCKET}. "same result": sum and squared norm of both outputs agree to 1e-3 where both compute the same
+definition.
+
+Goal (issue 7): at least {GOAL:g}x faster than byzfl's best for every rule it has, at n = 100, d = 1e6. Result:
+{'; '.join(verdicts)}.{' Missed: see below.' if missed else ''}
+
+![robust aggregation throughput](bench-robust-throughput.png)
+
+{chr(10).join(t + chr(10) for t in tables)}
+How ours gets there: median and trimmed mean sort blocks of 4,096 coordinates with numpy's vectorised sort
+(AVX-512 sorting networks on rows of n values, about 5x faster than torch.sort, torch.kthvalue or torch.topk on such
+rows) on one thread per torch thread; Krum and the geometric median build one n x n Gram matrix of the centred
+rows (BLAS, float32 blocks accumulated in float64), after which Weiszfeld iterates on n coefficients instead of
+d-vectors; centered clipping reads the matrix once per iteration plus once for the first distances; FedAvg is one
+matrix-vector product. byzfl sorts the whole (n, d) matrix along its columns, computes n^2 distance vectors
+through `cdist`, and allocates a new (n, d) difference matrix per Weiszfeld or clipping iteration.
+{SECTION_END}
+"""
+
+
+def plot(data: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rules = [r for r in BYZFL_RULES]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    big = next((r for r in data["runs"] if (r["n"], r["d"]) == (100, 1_000_000)), data["runs"][-1])
+    xs = np.arange(len(rules))
+    ours = [1e3 * big["ours"][r]["s"] for r in rules]
+    theirs = [1e3 * best_byzfl(big, r)[0] for r in rules]
+    axes[0].bar(xs - 0.2, theirs, 0.4, label="byzfl (best of numpy, torch)", color="#c44e52")
+    axes[0].bar(xs + 0.2, ours, 0.4, label="Federator", color="#4c72b0")
+    axes[0].axhline(1e3 * big["floor_s"], color="k", ls="--", lw=1, label="memory floor (torch.sum)")
+    axes[0].set_yscale("log")
+    axes[0].set_xticks(xs, rules, rotation=35, ha="right")
+    axes[0].set_ylabel("ms per aggregation (log)")
+    axes[0].set_title(f"n = {big['n']}, d = {big['d']:,}")
+    axes[0].legend(fontsize=8)
+    width = 0.8 / len(data["runs"])
+    for i, run in enumerate(data["runs"]):
+        speed = [best_byzfl(run, r)[0] / run["ours"][r]["s"] for r in rules]
+        axes[1].bar(xs - 0.4 + width * (i + 0.5), speed, width, label=f"n={run['n']}, d={run['d']:.0e}")
+    axes[1].axhline(GOAL, color="k", ls="--", lw=1, label=f"goal {GOAL:g}x")
+    axes[1].set_yscale("log")
+    axes[1].set_xticks(xs, rules, rotation=35, ha="right")
+    axes[1].set_ylabel("byzfl time / Federator time (log)")
+    axes[1].set_title("speed-up over byzfl")
+    axes[1].legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    PLOT.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(PLOT, dpi=110)
+    plt.close(fig)
+
+
+def parse_sizes(text: str) -> list[tuple[int, int]]:
+    sizes = []
+    for item in text.split(","):
+        n, d = item.lower().split("x")
+        sizes.append((int(n), int(float(d))))
+    return sizes
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--byzfl-python", default=str(ROOT / ".venv-byzfl" / "bin" / "python"))
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--sizes", type=parse_sizes, default=SIZES, help="NxD,... e.g. 10x1e5,100x1e6")
+    parser.add_argument("--no-doc", action="store_true", help="print only; leave docs/ alone")
+    parser.add_argument("--render-only", action="store_true", help=f"rewrite the doc and plot from {RESULTS.name}")
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args.threads)
+    for p in (ROOT, ROOT / "benchmarks"):
+        if str(p) not in sys.path:
+            sys.path.insert(0, str(p))
+    if args.render_only:
+        data = json.loads(RESULTS.read_text())
+    else:
+        data = measure(args)
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS.write_text(json.dumps(data, indent=1))
+    section = render(data)
+    print(section)
+    if not args.no_doc:
+        from docsection import write_section
+
+        plot(data)
+        write_section(section, SECTION_BEGIN, SECTION_END)
+        print(f"wrote docs/benchmarks.md and {PLOT.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
