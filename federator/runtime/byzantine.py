@@ -63,8 +63,8 @@ def krum_score_ratios(x: torch.Tensor, f: int) -> torch.Tensor:
     Dividing by the median makes one threshold fit any update scale.
     """
     scores = robust.krum_scores(x, f)
-    med = float(scores.median())
-    return scores / max(med, 1e-300) if med > 0 else torch.where(scores > 0, math.inf, 0.0).to(torch.float64)
+    # When most rows coincide the median is 0: other rows then score huge but finite (JSON-able) values.
+    return scores / max(float(scores.median()), 1e-12 * float(scores.max()), 1e-300)
 
 
 def score_updates(x: torch.Tensor, method: str, aggregate: torch.Tensor | None = None, f: int = 0) -> torch.Tensor:

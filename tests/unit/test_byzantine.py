@@ -226,3 +226,12 @@ def test_attacks_leave_honest_updates_unchanged() -> None:
     byz.sign_flip(honest[0])
     byz.scaled(honest[1], 3.0)
     assert torch.equal(honest, before)
+
+
+def test_scores_stay_finite_when_most_updates_coincide() -> None:
+    x = torch.ones(6, 20)
+    x[5] = torch.linspace(-3.0, 5.0, 20)  # another direction and norm
+    for method in byz.SCORE_METHODS:
+        scores = byz.score_updates(x, method, f=1)
+        assert bool(torch.isfinite(scores).all()), method
+        assert float(scores[5]) > float(scores[:5].max()), method
