@@ -18,7 +18,8 @@ Sources:
 Speed: each kernel is a few large torch operations (BLAS matrix products, whole-tensor reductions) rather
 than a loop of small ones: on a busy machine every OpenMP parallel region can wait a scheduler time slice
 for a descheduled thread, so hundreds of small regions cost seconds. Where a rule needs a temporary of x's
-size (centring for the Gram matrix) it works on column blocks of at most ``_BLOCK_BYTES``.
+size (a translated copy for the Gram matrix) it works on column blocks of at most ``_BLOCK_BYTES``;
+median and trimmed mean sort with numpy on worker threads, outside OpenMP.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import torch
 
 # Columns per sorted block: n * _CHUNK float32 values (1.6 MiB at n = 100) stay in L2 while sorted.
 _CHUNK = 4096
-# Scratch per centred block of the Gram matrix.
+# Scratch per translated block of the Gram matrix.
 _BLOCK_BYTES = 32 << 20
 
 
