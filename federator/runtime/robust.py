@@ -121,7 +121,7 @@ def trimmed_mean(x: torch.Tensor, trim_fraction: float) -> torch.Tensor:
         raise ValueError(f"trim_fraction must be in [0, 0.5), got {trim_fraction}")
     k = math.floor(trim_fraction * n)
     if k == 0:
-        return x.mean(dim=0)
+        return fedavg(x)
     keep = n - 2 * k
     # float32 sums suffice: the trimmed values are gone, so no large value cancels
     return _sorted_columns(x, lambda srt: srt[:, k : n - k].sum(axis=1) / keep)
