@@ -63,8 +63,8 @@ def krum_score_ratios(x: torch.Tensor, f: int) -> torch.Tensor:
     Dividing by the median makes one threshold fit any update scale.
     """
     scores = robust.krum_scores(x, f)
-    med = float(scores.median())
-    return scores / max(med, 1e-300) if med > 0 else torch.where(scores > 0, math.inf, 0.0).to(torch.float64)
+    # When most rows coincide the median is 0: other rows then score huge but finite (JSON-able) values.
+    return scores / max(float(scores.median()), 1e-12 * float(scores.max()), 1e-300)
 
 
 def score_updates(x: torch.Tensor, method: str, aggregate: torch.Tensor | None = None, f: int = 0) -> torch.Tensor:
@@ -93,7 +93,8 @@ class ClientReputation:
 
     score: float = 0.0
     flags: tuple[bool, ...] = ()  # the client's last w flags, oldest first (rounds it took part in)
-    quarantined_until: int | None = None  # the last round the client sits out, if quarantined
+    quarantined_from: int | None = None  # the first round the client sits out, if ever quarantined
+    quarantined_until: int | None = None  # the last one
     last_round: int | None = None
 
 
@@ -113,6 +114,7 @@ class ReputationState:
                 name: {
                     "score": c.score,
                     "flags": list(c.flags),
+                    "quarantinedFrom": c.quarantined_from,
                     "quarantinedUntil": c.quarantined_until,
                     "lastRound": c.last_round,
                 }
@@ -130,6 +132,7 @@ class ReputationState:
                 clients[str(name)] = ClientReputation(
                     score=float(c["score"]),
                     flags=tuple(bool(b) for b in c["flags"]),
+                    quarantined_from=None if c["quarantinedFrom"] is None else int(c["quarantinedFrom"]),
                     quarantined_until=None if c["quarantinedUntil"] is None else int(c["quarantinedUntil"]),
                     last_round=None if c["lastRound"] is None else int(c["lastRound"]),
                 )
@@ -142,7 +145,12 @@ class ReputationState:
 def is_quarantined(state: ReputationState, client: str, round: int) -> bool:
     """Whether ``client`` sits out ``round`` (its tasks are not sampled)."""
     c = state.clients.get(client)
-    return c is not None and c.quarantined_until is not None and round <= c.quarantined_until
+    return (
+        c is not None
+        and c.quarantined_from is not None
+        and c.quarantined_until is not None
+        and c.quarantined_from <= round <= c.quarantined_until
+    )
 
 
 def decayed_score(state: ReputationState, client: str, round: int, decay: float) -> float:
@@ -185,12 +193,14 @@ def update_reputation(
         old = clients.get(name, ClientReputation())
         score = (0.0 if old.last_round is None else old.score * decay ** (round - old.last_round)) + float(flag)
         flags = (*old.flags, flag)[-w:]
-        until = old.quarantined_until
+        start, until = old.quarantined_from, old.quarantined_until
         if sum(flags) >= k and q > 0 and not (until is not None and round <= until):
-            until = round + q
+            start, until = round + 1, round + q
             flags = ()
             newly.append(name)
-        clients[name] = replace(old, score=score, flags=flags, quarantined_until=until, last_round=round)
+        clients[name] = replace(
+            old, score=score, flags=flags, quarantined_from=start, quarantined_until=until, last_round=round
+        )
     return ReputationState(clients=clients, round=round), newly
 
 
