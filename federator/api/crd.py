@@ -22,6 +22,7 @@ from pydantic import BaseModel
 from federator.api.models import (
     GROUP,
     VERSION,
+    AttackSpec,
     AutoscalingSpec,
     ClientsSpec,
     DataSpec,
@@ -29,6 +30,7 @@ from federator.api.models import (
     FederatedClientStatus,
     FederationSpec,
     FederationStatus,
+    ReputationSpec,
     ServerSpec,
     VolumeSource,
 )
@@ -81,6 +83,25 @@ CEL_RULES: dict[type[BaseModel], list[dict[str, str]]] = {
         {
             "rule": "has(self.persistentVolumeClaim) != has(self.hostPath)",
             "message": "set exactly one of persistentVolumeClaim or hostPath",
+        },
+    ],
+    ReputationSpec: [
+        {"rule": "self.k <= self.window", "message": "k must be <= window", "fieldPath": ".k"},
+    ],
+    AttackSpec: [
+        {"rule": "has(self.count) != has(self.fraction)", "message": "set exactly one of count or fraction"},
+    ],
+    # the part of the tolerance check CEL expresses simply: fedavg tolerates no Byzantine client. The rest
+    # (each robust rule's limit) is checked by the model, so `federator validate` and the operator.
+    FederationSpec: [
+        {
+            "rule": "!has(self.byzantine) || !has(self.byzantine.expectedFraction) || "
+                    "self.byzantine.expectedFraction == 0.0 || "
+                    "(has(self.aggregation) && has(self.aggregation.rule) && self.aggregation.rule != 'fedavg')",
+            "message": "aggregation.rule fedavg tolerates no Byzantine client: with byzantine.expectedFraction > 0 "
+                       "use a robust rule (median, trimmed_mean, krum, multi_krum, geometric_median, "
+                       "centered_clipping)",
+            "fieldPath": ".byzantine.expectedFraction",
         },
     ],
 }
