@@ -290,14 +290,14 @@ class DetectionSpec(Strict):
     threshold: Annotated[
         float | None,
         Field(gt=0.0, le=1e9, description="Score above which an update is flagged (default: norm 3.5, "
-                                          "cosine 1, krum 3)."),
+                                          "cosine 0.5, krum 3)."),
     ] = None
 
     @property
     def effective_threshold(self) -> float:
         if self.threshold is not None:
             return self.threshold
-        return {"norm": 3.5, "cosine": 1.0, "krum": 3.0}[self.method]
+        return {"norm": 3.5, "cosine": 0.5, "krum": 3.0}[self.method]
 
 
 class ReputationSpec(Strict):
@@ -331,14 +331,14 @@ class AttackSpec(Strict):
     parameters: Annotated[
         dict[str, float],
         Field(description="scale (sign_flip, default 1), factor (scaled, default 10), std (gaussian, default 1), "
-                          "epsilon (ipm, default 0.5)."),
+                          "epsilon (ipm, default 0.5), z (alie, default: Baruch et al.'s z_max for n and f)."),
     ] = {}
 
     @model_validator(mode="after")
     def _count_or_fraction(self) -> AttackSpec:
         if (self.count is None) == (self.fraction is None):
             raise ValueError("set exactly one of count or fraction: how many simulated clients attack")
-        allowed = {"sign_flip": {"scale"}, "scaled": {"factor"}, "gaussian": {"std"}, "alie": set(),
+        allowed = {"sign_flip": {"scale"}, "scaled": {"factor"}, "gaussian": {"std"}, "alie": {"z"},
                    "ipm": {"epsilon"}, "label_flip": set(), "replay": set()}[self.type]
         unknown = sorted(set(self.parameters) - allowed)
         if unknown:

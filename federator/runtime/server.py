@@ -29,7 +29,7 @@ import grpc
 import numpy as np
 import torch
 
-from federator.api.models import Federation
+from federator.api.models import Federation, FederationSpec
 from federator.runtime.aggregation import (
     AggregationPipeline,
     AggregationState,
@@ -39,7 +39,7 @@ from federator.runtime.aggregation import (
     server_update,
 )
 from federator.runtime.aggregation.attacks import describe as describe_attack
-from federator.runtime.byzantine import is_quarantined
+from federator.runtime.byzantine import ReputationState, is_quarantined
 from federator.runtime.checkpoint import load_checkpoint, save_checkpoint
 from federator.runtime.config import load_federation_config, read_tokens
 from federator.runtime.data import prepare_data
@@ -99,6 +99,26 @@ class RoundState:
     accepted: int = 0
     train_seconds: dict[str, float] = field(default_factory=dict)  # worker -> summed local training time
     closed: bool = False
+
+
+def sample_clients(spec: FederationSpec, rnd: int, attempt: int, silos: list[str],
+                   reputation: ReputationState) -> list[tuple[str, str | None]]:
+    """The (client, silo) pairs trained in a round: clients.perRound of the simulated clients and joined
+    silos, seeded by data.seed, round and attempt. Quarantined clients are left out unless the round could
+    not reach minPerRound without them."""
+    pool: list[tuple[str, str | None]] = [(f"sim-{i}", None) for i in range(spec.clients.count)]
+    pool += [(s, s) for s in silos]
+    pool = list(dict.fromkeys(pool))
+    free = [c for c in pool if not is_quarantined(reputation, c[0], rnd)]
+    if len(free) >= spec.clients.min_per_round:
+        pool = free
+    elif len(free) < len(pool):
+        log.warning("round %d: only %d clients are not quarantined (minPerRound=%d); sampling all",
+                    rnd, len(free), spec.clients.min_per_round)
+    k = min(spec.clients.per_round, len(pool))
+    rng = np.random.default_rng([spec.data.seed, rnd, attempt])
+    picked = rng.choice(len(pool), size=k, replace=False)
+    return [pool[i] for i in sorted(picked)]
 
 
 def model_version(run_id: str, completed_round: int) -> int:
@@ -278,19 +298,8 @@ class FederationServer:
         return False
 
     def _sample(self, rnd: int, attempt: int) -> list[tuple[str, str | None]]:
-        pool: list[tuple[str, str | None]] = [(f"sim-{i}", None) for i in range(self.spec.clients.count)]
-        pool += sorted((w.silo, w.silo) for w in self.workers.values() if w.silo)
-        pool = list(dict.fromkeys(pool))
-        free = [c for c in pool if not is_quarantined(self.agg_state.reputation, c[0], rnd)]
-        if len(free) >= self.spec.clients.min_per_round:
-            pool = free  # quarantined clients are not sampled, unless the round could not close without them
-        elif len(free) < len(pool):
-            log.warning("round %d: only %d clients are not quarantined (minPerRound=%d); sampling all",
-                        rnd, len(free), self.spec.clients.min_per_round)
-        k = min(self.spec.clients.per_round, len(pool))
-        rng = np.random.default_rng([self.spec.data.seed, rnd, attempt])
-        picked = rng.choice(len(pool), size=k, replace=False)
-        return [pool[i] for i in sorted(picked)]
+        silos = sorted({w.silo for w in self.workers.values() if w.silo})
+        return sample_clients(self.spec, rnd, attempt, silos, self.agg_state.reputation)
 
     def _run_round(self, rnd: int, attempt: int) -> int | None:
         """One attempt at a round. Returns None when it completed, else the number of updates it got."""

@@ -18,6 +18,7 @@ import torch
 
 from federator.api.models import AttackSpec, FederationSpec
 from federator.runtime import byzantine
+from federator.runtime.data import ArrayDataset
 
 UPDATE_ATTACKS = ("sign_flip", "scaled", "gaussian", "alie", "ipm", "replay")
 DEFAULTS = {"scale": 1.0, "factor": 10.0, "std": 1.0, "epsilon": 0.5}
@@ -37,6 +38,16 @@ def choose_attackers(spec: FederationSpec) -> tuple[str, ...]:
     return tuple(f"sim-{i}" for i in picked)
 
 
+def local_data(spec: FederationSpec, client_id: str, data: ArrayDataset) -> ArrayDataset:
+    """A simulated client's training data as it trains on it: with labels flipped when it is a label-flip
+    attacker, else `data` itself."""
+    attack = spec.byzantine.attack
+    if attack is None or attack.type != "label_flip" or client_id not in choose_attackers(spec):
+        return data
+    flipped = byzantine.label_flip(torch.from_numpy(np.ascontiguousarray(data.y)), data.num_classes)
+    return ArrayDataset(data.x, flipped.numpy(), data.num_classes)
+
+
 def describe(spec: FederationSpec, attackers: Sequence[str]) -> str:
     """One line for the banner and metrics.json."""
     attack = spec.byzantine.attack
@@ -50,7 +61,7 @@ def describe(spec: FederationSpec, attackers: Sequence[str]) -> str:
             f"{f' ({shown})' if shown else ''}, {where}: {', '.join(attackers)}")
 
 
-_PARAM_OF = {"sign_flip": ("scale",), "scaled": ("factor",), "gaussian": ("std",), "ipm": ("epsilon",)}
+_PARAM_OF = {"sign_flip": ("scale",), "scaled": ("factor",), "gaussian": ("std",), "ipm": ("epsilon",), "alie": ("z",)}
 
 
 def _param(attack: AttackSpec, name: str) -> float:
@@ -77,8 +88,12 @@ def attack_rows(
     if attack.type in ("alie", "ipm"):
         if len(good) < 2:  # nothing to imitate: they send their own update
             return x, new_replay
-        v = (byzantine.alie(honest, len(clients), len(bad)) if attack.type == "alie"
-             else byzantine.ipm(honest, _param(attack, "epsilon")))
+        if attack.type == "ipm":
+            v = byzantine.ipm(honest, _param(attack, "epsilon"))
+        elif "z" in attack.parameters:  # a chosen z instead of the paper's z_max (a stronger or weaker ALIE)
+            v = honest.mean(dim=0) - float(attack.parameters["z"]) * honest.std(dim=0, correction=1)
+        else:
+            v = byzantine.alie(honest, len(clients), len(bad))
         out[bad] = v.to(out.dtype)
         return out, new_replay
     for i in bad:
