@@ -444,6 +444,21 @@ class ClientCounts(BaseModel):
     participants: int = 0
 
 
+class FlaggedClient(BaseModel):
+    """A client whose updates the server flagged as anomalous (byzantine.detection)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    client: str
+    reason: str  # the detection method that flagged it: norm, cosine or krum
+    rounds: int = 0  # rounds it was flagged in
+    lastRound: int | None = None
+    quarantined: bool = False
+
+
+MAX_FLAGGED_IN_STATUS = 20  # the Federation status lists at most this many (most often flagged first)
+
+
 class FederationStatus(BaseModel):
     """Observed state, written by the operator to the /status subresource."""
 
@@ -457,6 +472,9 @@ class FederationStatus(BaseModel):
     epsilon: float | None = None
     clients: ClientCounts = ClientCounts()
     byzantineFlagged: int = 0
+    flaggedClients: Annotated[
+        list[FlaggedClient], Field(max_length=MAX_FLAGGED_IN_STATUS, description="Most often flagged clients.")
+    ] = []
     compressionRatio: float | None = None
     observedGeneration: int | None = None
     conditions: list[Condition] = []

@@ -64,6 +64,13 @@ def describe(spec: FederationSpec, attackers: Sequence[str]) -> str:
 _PARAM_OF = {"sign_flip": ("scale",), "scaled": ("factor",), "gaussian": ("std",), "ipm": ("epsilon",), "alie": ("z",)}
 
 
+def attack_banner(spec: FederationSpec) -> str:
+    """What `federator run` prints before an attack experiment starts."""
+    line = describe(spec, choose_attackers(spec)) or "ATTACK SIMULATION: byzantine.attack chooses no client"
+    bar = "!" * min(100, max(40, len(line)))
+    return f"{bar}\n{line}\n{bar}"
+
+
 def _param(attack: AttackSpec, name: str) -> float:
     return float(attack.parameters.get(name, DEFAULTS[name]))
 
