@@ -203,13 +203,12 @@ class BufferedRound(RoundAggregator):
         self.clients: list[str] = []
         self.weights: list[float] = []
         self._global_flat = pipeline.layout.flatten(global_params)
-        self._others: Params = {}
+        self._others: list[Params] = []  # each update's non-floating tensors (small: counters and the like)
 
     def add(self, client: str, params: Mapping[str, torch.Tensor], weight: float) -> None:
         if self.count >= self.buffer.shape[0]:
             raise ValueError(f"round {self.round}: more updates than the {self.buffer.shape[0]} sampled")
-        if self.count == 0:
-            self._others = {k: t.detach().clone() for k, t in params.items() if not t.is_floating_point()}
+        self._others.append({k: t.detach().clone() for k, t in params.items() if not t.is_floating_point()})
         row = self.buffer[self.count]
         self.pipeline.layout.flatten_into(params, row)
         row.sub_(self._global_flat)
@@ -222,13 +221,17 @@ class BufferedRound(RoundAggregator):
         spec = p.spec
         if self.count == 0:
             raise ValueError("no updates to aggregate")
-        x = apply_stages(p.stages, self.buffer[: self.count])
-        weights = torch.tensor(self.weights, dtype=torch.float64)
+        # rows in client order: the round's result does not depend on the order updates arrived in, so a
+        # resumed server (or the in-process experiment runner) reproduces it exactly
+        order = sorted(range(self.count), key=lambda i: self.clients[i])
+        clients = [self.clients[i] for i in order]
+        x = apply_stages(p.stages, self.buffer[order])
+        weights = torch.tensor([self.weights[i] for i in order], dtype=torch.float64)
         new_state = AggregationState(state.reference, state.reputation, dict(state.replay))
         attack = spec.byzantine.attack
         if attack is not None and p.attackers:
             gen = torch.Generator().manual_seed(_seed(attack.seed, self.round, 1))
-            x, new_state.replay = attack_rows(x, self.clients, p.attackers, attack, state.replay, gen)
+            x, new_state.replay = attack_rows(x, clients, p.attackers, attack, state.replay, gen)
         f = expected_byzantine(spec.byzantine.expectedFraction, self.count)
 
         result = RoundResult(aggregate={}, state=new_state)
@@ -244,7 +247,7 @@ class BufferedRound(RoundAggregator):
             else:
                 keep = ~flagged
             result.scores = [UpdateScore(c, float(s), bool(fl))
-                             for c, s, fl in zip(self.clients, scores.tolist(), flagged.tolist(), strict=True)]
+                             for c, s, fl in zip(clients, scores.tolist(), flagged.tolist(), strict=True)]
             result.flagged = [s.client for s in result.scores if s.flagged]
             rep = spec.byzantine.reputation
             if rep is not None:
@@ -261,7 +264,7 @@ class BufferedRound(RoundAggregator):
         delta = p.rule.kernel(x, ctx).to(torch.float32)
         if p.rule.keeps_reference:
             new_state.reference = delta.clone()
-        result.aggregate = p.layout.unflatten(self._global_flat + delta, self._others, self.global_params)
+        result.aggregate = p.layout.unflatten(self._global_flat + delta, self._others[order[0]], self.global_params)
         result.used = int(keep.sum())
         return result
 
