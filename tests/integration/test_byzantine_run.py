@@ -177,3 +177,29 @@ def test_detection_finds_the_attackers_with_precision_and_recall_of_at_least_09(
             tp, fp, fn = tp + (hit and bad), fp + (hit and not bad), fn + (bad and not hit)
     precision, recall = tp / max(1, tp + fp), tp / max(1, tp + fn)
     assert tp > 0 and precision >= 0.9 and recall >= 0.9, (precision, recall, tp, fp, fn)
+
+
+def test_anomaly_score_series_stay_bounded_for_simulated_clients_and_always_exist_for_silos(tmp_path: Path) -> None:
+    from prometheus_client import generate_latest
+
+    from federator.api.models import Federation
+    from federator.runtime.aggregation import RoundResult, UpdateScore
+    from federator.runtime.server import FederationServer
+
+    doc = manifest(aggregation={"rule": "median"}, monitoring={"maxClientSeries": 2},
+                   byzantine={"detection": {"method": "norm"}})
+    server = FederationServer(Federation.model_validate(doc), tmp_path, ["t"]).start()
+    try:
+        scores = [UpdateScore(f"sim-{i}", float(i), i == 4) for i in range(5)] + [UpdateScore("hospital-a", 9.0, True)]
+        server.silo_stats["hospital-a"] = {"joined": True, "roundsParticipated": 1, "lastUpdateTime": None,
+                                           "flagged": False}
+        server._note_flags(1, RoundResult(aggregate={}, state=server.agg_state, scores=scores,
+                                          flagged=["sim-4", "hospital-a"]))
+        text = generate_latest(server.metrics.registry).decode()
+    finally:
+        server.stop()
+    series = [line for line in text.splitlines() if line.startswith("federator_client_anomaly_score{")]
+    clients = sorted(line.split('client="')[1].split('"')[0] for line in series)
+    assert clients == ["hospital-a", "sim-0", "sim-1"]
+    assert 'federator_byzantine_flagged_total{federation="test",namespace="default",reason="norm"} 2.0' in text
+    assert server.silo_stats["hospital-a"]["flagged"] is True
