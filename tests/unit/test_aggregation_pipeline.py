@@ -211,3 +211,15 @@ def test_label_flip_poisons_only_the_attackers_data() -> None:
     honest = next(f"sim-{i}" for i in range(10) if f"sim-{i}" not in attackers)
     assert local_data(spec, honest, data) is data
     assert not AggregationPipeline(spec, _model(0)).buffered  # label flip needs nothing of the server
+
+
+def test_the_banner_names_the_attackers_and_the_attack() -> None:
+    from federator.runtime.aggregation.attacks import attack_banner
+
+    spec = _spec(byzantine={"attack": {"type": "gaussian", "fraction": 0.2, "parameters": {"std": 2}}})
+    banner = attack_banner(spec)
+    attackers = choose_attackers(spec)
+    assert "ATTACK SIMULATION: 2 of 10 clients attack with gaussian (std=2)" in banner
+    assert ", ".join(attackers) in banner and "simulation" in banner
+    flip = attack_banner(_spec(byzantine={"attack": {"type": "label_flip", "count": 1}}))
+    assert "poisoned local labels (client side)" in flip
