@@ -45,7 +45,7 @@ def _spec(**sections: Any) -> FederationSpec:
 def _run_round(spec: FederationSpec, glob: Params, updates: list[tuple[str, Params, float]],
                state: AggregationState | None = None, rnd: int = 1) -> Any:
     pipe = AggregationPipeline(spec, glob)
-    agg = pipe.begin_round(rnd, glob, len(updates))
+    agg = pipe.begin_round(rnd, glob, len(updates), [c for c, *_ in updates])
     for client, params, w in updates:
         agg.add(client, params, w)
     return agg.finish(state or AggregationState())
@@ -223,3 +223,26 @@ def test_the_banner_names_the_attackers_and_the_attack() -> None:
     assert ", ".join(attackers) in banner and "simulation" in banner
     flip = attack_banner(_spec(byzantine={"attack": {"type": "label_flip", "count": 1}}))
     assert "poisoned local labels (client side)" in flip
+
+
+def test_a_buffered_round_gives_the_same_result_whatever_the_arrival_order_and_missing_clients() -> None:
+    glob = _model(0)
+    ups = [(f"sim-{i}", _model(i + 1), float(i + 1)) for i in range(6)]
+    spec = _spec(aggregation={"rule": "geometric_median"})
+    pipe = AggregationPipeline(spec, glob)
+    results = []
+    for order, sampled in ((ups, None), (ups[::-1], [c for c, *_ in ups]), (ups[3:] + ups[:3], None)):
+        agg = pipe.begin_round(1, glob, 7, sampled)
+        for c, p, w in order:
+            agg.add(c, p, w)
+        results.append(_flat(agg.finish(AggregationState()).aggregate))
+    assert all(torch.equal(results[0], r) for r in results[1:])
+    # one sampled client never reports: the others' rows are used, in client order
+    agg = pipe.begin_round(1, glob, 7, [c for c, *_ in ups] + ["sim-9"])
+    for c, p, w in ups[::-1]:
+        agg.add(c, p, w)
+    assert torch.equal(_flat(agg.finish(AggregationState()).aggregate), results[0])
+    with pytest.raises(ValueError, match="not sampled or already reported"):
+        agg.add("sim-5", ups[5][1], 1.0)
+    with pytest.raises(ValueError, match="not sampled"):
+        agg.add("sim-7", ups[0][1], 1.0)

@@ -20,7 +20,7 @@ the explicit `AggregationState`: passed in, returned anew, and checkpointed by t
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -141,12 +141,15 @@ class AggregationPipeline:
         self._accumulator = FedAvgAccumulator()
         self._buffer = torch.empty(0, 0, dtype=torch.float32)
 
-    def begin_round(self, rnd: int, global_params: Params, capacity: int) -> RoundAggregator:
-        """A fresh aggregator for round `rnd` of at most `capacity` updates."""
+    def begin_round(self, rnd: int, global_params: Params, capacity: int,
+                    clients: Sequence[str] | None = None) -> RoundAggregator:
+        """A fresh aggregator for round `rnd` of at most `capacity` updates; with the sampled `clients`
+        known, a buffered round writes each update straight into its row in client order (no reordering
+        copy at the end)."""
         if self.buffered:
             if self._buffer.shape[0] < capacity or self._buffer.shape[1] != self.layout.size:
                 self._buffer = torch.empty(capacity, self.layout.size, dtype=torch.float32)
-            return BufferedRound(self, rnd, global_params, self._buffer[:capacity])
+            return BufferedRound(self, rnd, global_params, self._buffer[:capacity], clients)
         self._accumulator.reset()
         return StreamingRound(self, rnd, global_params, self._accumulator)
 
@@ -196,23 +199,35 @@ def _staged(layout: FlatLayout, stages: list[UpdateStage], params: Mapping[str, 
 class BufferedRound(RoundAggregator):
     """Every update of the round as a float32 row (its difference to the global model)."""
 
-    def __init__(self, pipeline: AggregationPipeline, rnd: int, global_params: Params, buffer: torch.Tensor
-                 ) -> None:
+    def __init__(self, pipeline: AggregationPipeline, rnd: int, global_params: Params, buffer: torch.Tensor,
+                 sampled: Sequence[str] | None = None) -> None:
         super().__init__(pipeline, rnd, global_params)
         self.buffer = buffer
-        self.clients: list[str] = []
+        # row of each sampled client, in client order; without them rows fill in arrival order
+        self._slot = {c: i for i, c in enumerate(sorted(sampled))} if sampled is not None else None
+        if self._slot is not None and len(self._slot) > buffer.shape[0]:
+            raise ValueError(f"round {rnd}: {len(self._slot)} clients sampled but room for {buffer.shape[0]}")
+        self.clients: list[str] = []  # in the order of self.rows
+        self.rows: list[int] = []
         self.weights: list[float] = []
         self._global_flat = pipeline.layout.flatten(global_params)
         self._others: list[Params] = []  # each update's non-floating tensors (small: counters and the like)
 
     def add(self, client: str, params: Mapping[str, torch.Tensor], weight: float) -> None:
-        if self.count >= self.buffer.shape[0]:
+        if self._slot is not None:
+            if client not in self._slot or self._slot[client] in self.rows:
+                raise ValueError(f"round {self.round}: client {client!r} was not sampled or already reported")
+            i = self._slot[client]
+        elif self.count >= self.buffer.shape[0]:
             raise ValueError(f"round {self.round}: more updates than the {self.buffer.shape[0]} sampled")
-        self._others.append({k: t.detach().clone() for k, t in params.items() if not t.is_floating_point()})
-        row = self.buffer[self.count]
+        else:
+            i = self.count
+        row = self.buffer[i]
         self.pipeline.layout.flatten_into(params, row)
         row.sub_(self._global_flat)
+        self._others.append({k: t.detach().clone() for k, t in params.items() if not t.is_floating_point()})
         self.clients.append(client)
+        self.rows.append(i)
         self.weights.append(float(weight))
         self.count += 1
 
@@ -223,10 +238,14 @@ class BufferedRound(RoundAggregator):
             raise ValueError("no updates to aggregate")
         # rows in client order: the round's result does not depend on the order updates arrived in, so a
         # resumed server (or the in-process experiment runner) reproduces it exactly
-        order = sorted(range(self.count), key=lambda i: self.clients[i])
-        clients = [self.clients[i] for i in order]
-        x = apply_stages(p.stages, self.buffer[order])
-        weights = torch.tensor([self.weights[i] for i in order], dtype=torch.float64)
+        order = sorted(range(self.count), key=lambda j: self.clients[j])
+        clients = [self.clients[j] for j in order]
+        rows = [self.rows[j] for j in order]
+        # all sampled clients reported into their slots: the rows are a view, no copy
+        contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
+        block = self.buffer[rows[0]:rows[0] + len(rows)] if contiguous else self.buffer[rows]
+        x = apply_stages(p.stages, block)
+        weights = torch.tensor([self.weights[j] for j in order], dtype=torch.float64)
         new_state = AggregationState(state.reference, state.reputation, dict(state.replay))
         attack = spec.byzantine.attack
         if attack is not None and p.attackers:
