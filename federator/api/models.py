@@ -358,6 +358,12 @@ class ByzantineSpec(Strict):
     reputation: ReputationSpec | None = None
     attack: AttackSpec | None = None
 
+    @model_validator(mode="after")
+    def _reputation_needs_detection(self) -> ByzantineSpec:
+        if self.reputation is not None and self.detection is None:
+            raise ValueError("reputation counts detection flags: set byzantine.detection too (e.g. method: norm)")
+        return self
+
 
 # -------------------------------------------------------------------------------------------- server
 

@@ -69,7 +69,8 @@ def test_specs_within_tolerance_pass() -> None:
 @pytest.mark.parametrize(("byz", "message"), [
     ({"attack": {"type": "sign_flip"}}, "set exactly one of count or fraction"),
     ({"attack": {"type": "sign_flip", "count": 1, "parameters": {"std": 1}}}, "do not apply to attack 'sign_flip'"),
-    ({"reputation": {"k": 4, "window": 3}}, "k (4) must be <= window (3)"),
+    ({"reputation": {"k": 4, "window": 3}, "detection": {}}, "k (4) must be <= window (3)"),
+    ({"reputation": {}}, "reputation counts detection flags: set byzantine.detection too"),
     ({"detection": {"method": "entropy"}}, "byzantine.detection.method"),
 ])
 def test_bad_byzantine_sections_name_the_field(byz: dict[str, Any], message: str) -> None:
@@ -86,6 +87,8 @@ def test_the_crd_rejects_fedavg_with_byzantine_clients_and_accepts_a_robust_rule
     good = manifest(aggregation={"rule": "median"}, byzantine={"expectedFraction": 0.3})
     assert crd_violations(federation_crd(), good) == []
     assert crd_violations(federation_crd(), manifest(byzantine={"attack": {"type": "ipm"}})) != []
+    [(where, msg)] = crd_violations(federation_crd(), manifest(byzantine={"reputation": {}}))
+    assert where == ".spec.byzantine.reputation" and msg.startswith("reputation counts detection flags")
 
 
 def test_federator_validate_prints_the_tolerance_message(tmp_path: Path) -> None:
