@@ -246,3 +246,19 @@ def test_a_buffered_round_gives_the_same_result_whatever_the_arrival_order_and_m
         agg.add("sim-5", ups[5][1], 1.0)
     with pytest.raises(ValueError, match="not sampled"):
         agg.add("sim-7", ups[0][1], 1.0)
+
+
+@pytest.mark.parametrize("rule", ["krum", "multi_krum", "median", "geometric_median", "centered_clipping",
+                                  "trimmed_mean"])
+def test_a_round_of_one_or_two_updates_still_aggregates(rule: str) -> None:
+    glob = _model(0)
+    spec = _spec(aggregation={"rule": rule}, byzantine={"detection": {"method": "krum"}})
+    for n in (1, 2, 3):
+        ups = [(f"sim-{i}", _model(i + 1), 1.0) for i in range(n)]
+        out = _run_round(spec, glob, ups)
+        assert out.used == n and torch.isfinite(_flat(out.aggregate)).all()
+        assert out.scores == [] if n < 3 else len(out.scores) == 3
+    two = [(f"sim-{i}", _model(i + 1), 1.0) for i in range(2)]
+    if rule in ("krum", "multi_krum"):  # nothing to choose between: their mean
+        torch.testing.assert_close(_flat(_run_round(spec, glob, two).aggregate),
+                                   _flat(weighted_average([u for _, u, _ in two], [1.0, 1.0])))

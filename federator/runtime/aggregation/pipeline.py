@@ -39,6 +39,7 @@ from federator.runtime.training import Params
 log = logging.getLogger("federator.aggregation")
 
 FLOAT32_BYTES = 4
+MIN_SCORED_UPDATES = 3  # a robust z-score, a median direction or a Krum score needs at least three updates
 
 
 def buffer_bytes(updates: int, parameters: int) -> int:
@@ -256,9 +257,12 @@ class BufferedRound(RoundAggregator):
         result = RoundResult(aggregate={}, state=new_state)
         keep = torch.ones(self.count, dtype=torch.bool)
         det = spec.byzantine.detection
-        if det is not None:
+        if det is not None and self.count < MIN_SCORED_UPDATES:
+            log.info("round %d: %d updates are too few to score; none is flagged", self.round, self.count)
+        elif det is not None:
             reference = robust.coordinate_median(x) if det.method == "cosine" else None
-            scores = byzantine.score_updates(x, det.method, aggregate=reference, f=max(f, 1))
+            f_score = max(0, min(max(f, 1), self.count - 3))  # Krum scores need n - f - 2 >= 1 neighbours
+            scores = byzantine.score_updates(x, det.method, aggregate=reference, f=f_score)
             flagged = scores > det.effective_threshold
             if bool(flagged.all()):
                 log.warning("round %d: every update scored above the threshold %g; none is left out",
