@@ -262,3 +262,14 @@ def test_a_round_of_one_or_two_updates_still_aggregates(rule: str) -> None:
     if rule in ("krum", "multi_krum"):  # nothing to choose between: their mean
         torch.testing.assert_close(_flat(_run_round(spec, glob, two).aggregate),
                                    _flat(weighted_average([u for _, u, _ in two], [1.0, 1.0])))
+
+
+def test_alie_uses_the_papers_z_and_survives_an_attacker_majority() -> None:
+    x = torch.randn(10, 6, generator=torch.Generator().manual_seed(1))
+    clients = [f"sim-{i}" for i in range(10)]
+    attack = _spec(byzantine={"attack": {"type": "alie", "count": 3}}).byzantine.attack
+    assert attack is not None
+    out, _ = attack_rows(x, clients, frozenset(clients[:3]), attack, {}, torch.Generator())
+    torch.testing.assert_close(out[0], byzantine.alie(x[3:], 10, 3))
+    majority, _ = attack_rows(x, clients, frozenset(clients[:7]), attack, {}, torch.Generator())
+    torch.testing.assert_close(majority[0], x[7:].mean(0) - x[7:].std(0))

@@ -99,8 +99,10 @@ def attack_rows(
             v = byzantine.ipm(honest, _param(attack, "epsilon"))
         elif "z" in attack.parameters:  # a chosen z instead of the paper's z_max (a stronger or weaker ALIE)
             v = honest.mean(dim=0) - float(attack.parameters["z"]) * honest.std(dim=0, correction=1)
-        else:
+        elif math.floor(len(clients) / 2 + 1) - len(bad) > 0:
             v = byzantine.alie(honest, len(clients), len(bad))
+        else:  # attackers are a majority of this round: the paper's z_max is undefined; z = 1
+            v = honest.mean(dim=0) - honest.std(dim=0, correction=1)
         out[bad] = v.to(out.dtype)
         return out, new_replay
     for i in bad:
