@@ -5,6 +5,7 @@
 #   benchmarks/run.sh transfer             # only model transfer (benchmarks/transfer.py)
 #   benchmarks/run.sh compression          # only compression: accuracy vs ratio, codec throughput
 #   benchmarks/run.sh operator --count 100 # only the operator reconciling Federations against kmock
+#   benchmarks/run.sh attack               # only accuracy under attack (benchmarks/attack_accuracy.py)
 #   benchmarks/run.sh robust               # only robust-aggregation throughput against byzfl
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -49,6 +50,7 @@ case "${1:-}" in
   transfer) exec "$VENV/bin/python" benchmarks/transfer.py "${@:2}" ;;
   compression) exec "$VENV/bin/python" benchmarks/compression.py "${@:2}" ;;
   operator) exec "$VENV/bin/python" benchmarks/operator_reconcile.py "${@:2}" ;;
+  attack) exec "$VENV/bin/python" benchmarks/attack_accuracy.py "${@:2}" ;;
   robust) byzfl_venv; exec "$VENV/bin/python" benchmarks/robust_throughput.py --byzfl-python "$BYZFL_VENV/bin/python" "${@:2}" ;;
 esac
 "$VENV/bin/python" benchmarks/bench_flower.py --federator "$VENV/bin/federator" --bench-venv "$BENCH_VENV" "$@"
@@ -56,6 +58,7 @@ if [[ $# -eq 0 ]]; then
   "$VENV/bin/python" benchmarks/transfer.py
   "$VENV/bin/python" benchmarks/compression.py
   "$VENV/bin/python" benchmarks/operator_reconcile.py
+  "$VENV/bin/python" benchmarks/attack_accuracy.py
   byzfl_venv
   "$VENV/bin/python" benchmarks/robust_throughput.py --byzfl-python "$BYZFL_VENV/bin/python"
 fi

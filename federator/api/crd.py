@@ -24,6 +24,7 @@ from federator.api.models import (
     VERSION,
     AttackSpec,
     AutoscalingSpec,
+    ByzantineSpec,
     ClientsSpec,
     DataSpec,
     FederatedClientSpec,
@@ -96,6 +97,10 @@ CEL_RULES: dict[type[BaseModel], list[dict[str, str]]] = {
     ],
     ReputationSpec: [
         {"rule": "self.k <= self.window", "message": "k must be <= window", "fieldPath": ".k"},
+    ],
+    ByzantineSpec: [
+        {"rule": "!has(self.reputation) || has(self.detection)",
+         "message": "reputation counts detection flags: set byzantine.detection too", "fieldPath": ".reputation"},
     ],
     AttackSpec: [
         {"rule": "has(self.count) != has(self.fraction)", "message": "set exactly one of count or fraction"},

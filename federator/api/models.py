@@ -358,6 +358,12 @@ class ByzantineSpec(Strict):
     reputation: ReputationSpec | None = None
     attack: AttackSpec | None = None
 
+    @model_validator(mode="after")
+    def _reputation_needs_detection(self) -> ByzantineSpec:
+        if self.reputation is not None and self.detection is None:
+            raise ValueError("reputation counts detection flags: set byzantine.detection too (e.g. method: norm)")
+        return self
+
 
 # --------------------------------------------------------------------------------------- compression
 
@@ -502,6 +508,21 @@ class ClientCounts(BaseModel):
     participants: int = 0
 
 
+class FlaggedClient(BaseModel):
+    """A client whose updates the server flagged as anomalous (byzantine.detection)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    client: str
+    reason: str  # the detection method that flagged it: norm, cosine or krum
+    rounds: int = 0  # rounds it was flagged in
+    lastRound: int | None = None
+    quarantined: bool = False
+
+
+MAX_FLAGGED_IN_STATUS = 20  # the Federation status lists at most this many (most often flagged first)
+
+
 class FederationStatus(BaseModel):
     """Observed state, written by the operator to the /status subresource."""
 
@@ -515,6 +536,9 @@ class FederationStatus(BaseModel):
     epsilon: float | None = None
     clients: ClientCounts = ClientCounts()
     byzantineFlagged: int = 0
+    flaggedClients: Annotated[
+        list[FlaggedClient], Field(max_length=MAX_FLAGGED_IN_STATUS, description="Most often flagged clients.")
+    ] = []
     compressionRatio: float | None = None
     observedGeneration: int | None = None
     conditions: list[Condition] = []

@@ -42,7 +42,7 @@ def run_experiment(spec: FederationSpec, state: AggregationState | None = None) 
     result = ExperimentResult(attackers=tuple(sorted(pipeline.attackers)))
     for rnd in range(1, spec.rounds + 1):
         sampled = sample_clients(spec, rnd, 0, [], state.reputation)
-        agg = pipeline.begin_round(rnd, params, len(sampled))
+        agg = pipeline.begin_round(rnd, params, len(sampled), [c for c, _ in sampled])
         for client_id, _silo in sampled:
             set_params(worker, params)
             local = local_data(spec, client_id, data.client(int(client_id.removeprefix("sim-"))))

@@ -323,7 +323,8 @@ class FederationServer:
                 tasks[tid] = Task(tid, rnd, client_id, silo, self.version)
             # under the lock: a late update of the last round cannot reach the new round's aggregator
             self.current = RoundState(rnd, attempt, time.time(), tasks,
-                                      self.pipeline.begin_round(rnd, self.params, len(tasks)))
+                                      self.pipeline.begin_round(rnd, self.params, len(tasks),
+                                                                [t.client_id for t in tasks.values()]))
             self.queue.clear()
             self.queue.extend(tasks)
             self._m["pending_tasks"].set(len(self.queue))

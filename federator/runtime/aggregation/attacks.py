@@ -64,6 +64,13 @@ def describe(spec: FederationSpec, attackers: Sequence[str]) -> str:
 _PARAM_OF = {"sign_flip": ("scale",), "scaled": ("factor",), "gaussian": ("std",), "ipm": ("epsilon",), "alie": ("z",)}
 
 
+def attack_banner(spec: FederationSpec) -> str:
+    """What `federator run` prints before an attack experiment starts."""
+    line = describe(spec, choose_attackers(spec)) or "ATTACK SIMULATION: byzantine.attack chooses no client"
+    bar = "!" * min(100, max(40, len(line)))
+    return f"{bar}\n{line}\n{bar}"
+
+
 def _param(attack: AttackSpec, name: str) -> float:
     return float(attack.parameters.get(name, DEFAULTS[name]))
 
@@ -92,8 +99,10 @@ def attack_rows(
             v = byzantine.ipm(honest, _param(attack, "epsilon"))
         elif "z" in attack.parameters:  # a chosen z instead of the paper's z_max (a stronger or weaker ALIE)
             v = honest.mean(dim=0) - float(attack.parameters["z"]) * honest.std(dim=0, correction=1)
-        else:
+        elif math.floor(len(clients) / 2 + 1) - len(bad) > 0:
             v = byzantine.alie(honest, len(clients), len(bad))
+        else:  # attackers are a majority of this round: the paper's z_max is undefined; z = 1
+            v = honest.mean(dim=0) - honest.std(dim=0, correction=1)
         out[bad] = v.to(out.dtype)
         return out, new_replay
     for i in bad:

@@ -20,7 +20,7 @@ the explicit `AggregationState`: passed in, returned anew, and checkpointed by t
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +39,7 @@ from federator.runtime.training import Params
 log = logging.getLogger("federator.aggregation")
 
 FLOAT32_BYTES = 4
+MIN_SCORED_UPDATES = 3  # a robust z-score, a median direction or a Krum score needs at least three updates
 
 
 def buffer_bytes(updates: int, parameters: int) -> int:
@@ -141,12 +142,15 @@ class AggregationPipeline:
         self._accumulator = FedAvgAccumulator()
         self._buffer = torch.empty(0, 0, dtype=torch.float32)
 
-    def begin_round(self, rnd: int, global_params: Params, capacity: int) -> RoundAggregator:
-        """A fresh aggregator for round `rnd` of at most `capacity` updates."""
+    def begin_round(self, rnd: int, global_params: Params, capacity: int,
+                    clients: Sequence[str] | None = None) -> RoundAggregator:
+        """A fresh aggregator for round `rnd` of at most `capacity` updates; with the sampled `clients`
+        known, a buffered round writes each update straight into its row in client order (no reordering
+        copy at the end)."""
         if self.buffered:
             if self._buffer.shape[0] < capacity or self._buffer.shape[1] != self.layout.size:
                 self._buffer = torch.empty(capacity, self.layout.size, dtype=torch.float32)
-            return BufferedRound(self, rnd, global_params, self._buffer[:capacity])
+            return BufferedRound(self, rnd, global_params, self._buffer[:capacity], clients)
         self._accumulator.reset()
         return StreamingRound(self, rnd, global_params, self._accumulator)
 
@@ -196,24 +200,35 @@ def _staged(layout: FlatLayout, stages: list[UpdateStage], params: Mapping[str, 
 class BufferedRound(RoundAggregator):
     """Every update of the round as a float32 row (its difference to the global model)."""
 
-    def __init__(self, pipeline: AggregationPipeline, rnd: int, global_params: Params, buffer: torch.Tensor
-                 ) -> None:
+    def __init__(self, pipeline: AggregationPipeline, rnd: int, global_params: Params, buffer: torch.Tensor,
+                 sampled: Sequence[str] | None = None) -> None:
         super().__init__(pipeline, rnd, global_params)
         self.buffer = buffer
-        self.clients: list[str] = []
+        # row of each sampled client, in client order; without them rows fill in arrival order
+        self._slot = {c: i for i, c in enumerate(sorted(sampled))} if sampled is not None else None
+        if self._slot is not None and len(self._slot) > buffer.shape[0]:
+            raise ValueError(f"round {rnd}: {len(self._slot)} clients sampled but room for {buffer.shape[0]}")
+        self.clients: list[str] = []  # in the order of self.rows
+        self.rows: list[int] = []
         self.weights: list[float] = []
         self._global_flat = pipeline.layout.flatten(global_params)
-        self._others: Params = {}
+        self._others: list[Params] = []  # each update's non-floating tensors (small: counters and the like)
 
     def add(self, client: str, params: Mapping[str, torch.Tensor], weight: float) -> None:
-        if self.count >= self.buffer.shape[0]:
+        if self._slot is not None:
+            if client not in self._slot or self._slot[client] in self.rows:
+                raise ValueError(f"round {self.round}: client {client!r} was not sampled or already reported")
+            i = self._slot[client]
+        elif self.count >= self.buffer.shape[0]:
             raise ValueError(f"round {self.round}: more updates than the {self.buffer.shape[0]} sampled")
-        if self.count == 0:
-            self._others = {k: t.detach().clone() for k, t in params.items() if not t.is_floating_point()}
-        row = self.buffer[self.count]
+        else:
+            i = self.count
+        row = self.buffer[i]
         self.pipeline.layout.flatten_into(params, row)
         row.sub_(self._global_flat)
+        self._others.append({k: t.detach().clone() for k, t in params.items() if not t.is_floating_point()})
         self.clients.append(client)
+        self.rows.append(i)
         self.weights.append(float(weight))
         self.count += 1
 
@@ -222,21 +237,32 @@ class BufferedRound(RoundAggregator):
         spec = p.spec
         if self.count == 0:
             raise ValueError("no updates to aggregate")
-        x = apply_stages(p.stages, self.buffer[: self.count])
-        weights = torch.tensor(self.weights, dtype=torch.float64)
+        # rows in client order: the round's result does not depend on the order updates arrived in, so a
+        # resumed server (or the in-process experiment runner) reproduces it exactly
+        order = sorted(range(self.count), key=lambda j: self.clients[j])
+        clients = [self.clients[j] for j in order]
+        rows = [self.rows[j] for j in order]
+        # all sampled clients reported into their slots: the rows are a view, no copy
+        contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
+        block = self.buffer[rows[0]:rows[0] + len(rows)] if contiguous else self.buffer[rows]
+        x = apply_stages(p.stages, block)
+        weights = torch.tensor([self.weights[j] for j in order], dtype=torch.float64)
         new_state = AggregationState(state.reference, state.reputation, dict(state.replay))
         attack = spec.byzantine.attack
         if attack is not None and p.attackers:
             gen = torch.Generator().manual_seed(_seed(attack.seed, self.round, 1))
-            x, new_state.replay = attack_rows(x, self.clients, p.attackers, attack, state.replay, gen)
+            x, new_state.replay = attack_rows(x, clients, p.attackers, attack, state.replay, gen)
         f = expected_byzantine(spec.byzantine.expectedFraction, self.count)
 
         result = RoundResult(aggregate={}, state=new_state)
         keep = torch.ones(self.count, dtype=torch.bool)
         det = spec.byzantine.detection
-        if det is not None:
+        if det is not None and self.count < MIN_SCORED_UPDATES:
+            log.info("round %d: %d updates are too few to score; none is flagged", self.round, self.count)
+        elif det is not None:
             reference = robust.coordinate_median(x) if det.method == "cosine" else None
-            scores = byzantine.score_updates(x, det.method, aggregate=reference, f=max(f, 1))
+            f_score = max(0, min(max(f, 1), self.count - 3))  # Krum scores need n - f - 2 >= 1 neighbours
+            scores = byzantine.score_updates(x, det.method, aggregate=reference, f=f_score)
             flagged = scores > det.effective_threshold
             if bool(flagged.all()):
                 log.warning("round %d: every update scored above the threshold %g; none is left out",
@@ -244,7 +270,7 @@ class BufferedRound(RoundAggregator):
             else:
                 keep = ~flagged
             result.scores = [UpdateScore(c, float(s), bool(fl))
-                             for c, s, fl in zip(self.clients, scores.tolist(), flagged.tolist(), strict=True)]
+                             for c, s, fl in zip(clients, scores.tolist(), flagged.tolist(), strict=True)]
             result.flagged = [s.client for s in result.scores if s.flagged]
             rep = spec.byzantine.reputation
             if rep is not None:
@@ -261,7 +287,7 @@ class BufferedRound(RoundAggregator):
         delta = p.rule.kernel(x, ctx).to(torch.float32)
         if p.rule.keeps_reference:
             new_state.reference = delta.clone()
-        result.aggregate = p.layout.unflatten(self._global_flat + delta, self._others, self.global_params)
+        result.aggregate = p.layout.unflatten(self._global_flat + delta, self._others[order[0]], self.global_params)
         result.used = int(keep.sum())
         return result
 

@@ -45,7 +45,18 @@ def _krum_f(x: torch.Tensor, ctx: RuleContext) -> int:
     return max(0, min(f, n - 3))
 
 
+KRUM_MIN_UPDATES = 3  # Krum scores need n - f - 2 >= 1 neighbours
+
+
+def _krum(x: torch.Tensor, ctx: RuleContext) -> torch.Tensor:
+    if x.shape[0] < KRUM_MIN_UPDATES:  # one or two updates: nothing to choose between, so their mean
+        return robust.fedavg(x, ctx.weights)
+    return robust.krum(x, _krum_f(x, ctx))
+
+
 def _multi_krum(x: torch.Tensor, ctx: RuleContext) -> torch.Tensor:
+    if x.shape[0] < KRUM_MIN_UPDATES:
+        return robust.fedavg(x, ctx.weights)
     f = _krum_f(x, ctx)
     m = ctx.spec.m if ctx.spec.m is not None else x.shape[0] - f
     return robust.multi_krum(x, f, max(1, min(m, x.shape[0])))
@@ -60,7 +71,7 @@ RULES: dict[str, Rule] = {r.name: r for r in (
     Rule("fedavg", lambda x, ctx: robust.fedavg(x, ctx.weights), streaming=True),
     Rule("median", lambda x, ctx: robust.coordinate_median(x)),
     Rule("trimmed_mean", lambda x, ctx: robust.trimmed_mean(x, ctx.spec.trimFraction)),
-    Rule("krum", lambda x, ctx: robust.krum(x, _krum_f(x, ctx))),
+    Rule("krum", _krum),
     Rule("multi_krum", _multi_krum),
     Rule("geometric_median", lambda x, ctx: robust.geometric_median(
         x, tol=ctx.spec.tolerance, max_iter=ctx.spec.maxIterations)),
