@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt
 
 
 def plot_curves(rounds: Sequence[dict[str, Any]], out: Path, title: str) -> list[Path]:
-    """Write accuracy.png and loss.png (value per round, wall time on a second axis label)."""
+    """Write accuracy.png and loss.png (value per round), and bytes.png when the rounds count bytes."""
     written = []
     xs = [r["round"] for r in rounds]
     for key, label in (("accuracy", "test accuracy"), ("loss", "test loss")):
