@@ -24,8 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from federator import tokens
 from federator.api.manifest import ManifestError, load_federation
 from federator.api.models import Federation
+from federator.runtime import lifeline
 
 STATE = "state"
 
@@ -39,7 +41,7 @@ class LocalRun:
     out: Path
     workers: int
     token: str = field(default_factory=lambda: secrets.token_hex(16))
-    extra_tokens: list[str] = field(default_factory=list)  # e.g. "silo:NAME=TOKEN" for silo clients
+    silo_tokens: dict[str, str] = field(default_factory=dict)  # silo name -> its token, for silo clients
     linger_seconds: float = 15.0  # the server's --linger-seconds (-1: serve until stopped, as in a cluster)
     server: subprocess.Popen[bytes] | None = None
     clients: list[subprocess.Popen[bytes]] = field(default_factory=list)
@@ -47,6 +49,7 @@ class LocalRun:
     http_port: int = 0
     launched_at: float = 0.0
     _logs: list[Any] = field(default_factory=list)
+    _lifeline: tuple[dict[str, str], int, int] | None = None  # children stop when this process dies
 
     @property
     def state_dir(self) -> Path:
@@ -61,8 +64,12 @@ class LocalRun:
     def _spawn(self, args: list[str], log_name: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
         log = open(self.out / log_name, "ab")  # noqa: SIM115 (closed in stop())
         self._logs.append(log)
+        if self._lifeline is None:
+            self._lifeline = lifeline.child_env_and_fds()
+        lifeline_env, read_fd, _ = self._lifeline
+        # a session of their own: Ctrl-C reaches only this process, which then stops them in order
         return subprocess.Popen([sys.executable, "-m", "federator", *args], stdout=log, stderr=subprocess.STDOUT,
-                                env=env, start_new_session=True)
+                                env={**env, **lifeline_env}, start_new_session=True, pass_fds=(read_fd,))
 
     def reserve_ports(self) -> None:
         """Pick the server's free ports up front, so that the workers can start (and spend their seconds
@@ -87,7 +94,7 @@ class LocalRun:
              "--port", str(self.grpc_port), "--metrics-port", str(self.http_port),
              "--state-dir", str(self.state_dir), "--ready-file", str(ready),
              "--linger-seconds", str(self.linger_seconds)],
-            "server.log", self._env(FEDERATOR_TOKENS="\n".join([self.token, *self.extra_tokens])),
+            "server.log", self._env(FEDERATOR_TOKENS=tokens.dumps(tokens.Tokens((self.token,), self.silo_tokens))),
         )
 
     def wait_for_server(self, timeout: float = 120.0) -> None:
@@ -144,6 +151,10 @@ class LocalRun:
         for f in self._logs:
             f.close()
         self._logs.clear()
+        if self._lifeline is not None:
+            for fd in self._lifeline[1:]:
+                os.close(fd)
+            self._lifeline = None
 
 
 def _signal(p: subprocess.Popen[bytes], sig: int) -> None:
@@ -236,12 +247,13 @@ def _interrupt_on_signals() -> dict[int, Any]:
     """Ctrl-C and SIGTERM stop the run and every process it started.
 
     Set explicitly: a shell starts background jobs with SIGINT ignored, and Python then leaves it
-    ignored, so `federator run ... &` followed by `kill -INT` would otherwise orphan the workers.
+    ignored, so `federator run ... &` followed by `kill -INT` would otherwise orphan the workers. SIGHUP
+    (the terminal closed) is handled the same way.
     """
     if threading.current_thread() is not threading.main_thread():
         return {}
     previous: dict[int, Any] = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         previous[sig] = signal.signal(sig, _raise_interrupt)
     return previous
 

@@ -1,4 +1,4 @@
-"""How runtime processes read their configuration: the Federation manifest and tokens."""
+"""How runtime processes read their configuration: the Federation manifest (tokens: federator/tokens.py)."""
 
 from __future__ import annotations
 
@@ -28,8 +28,3 @@ def load_federation_config(path: str | Path) -> Federation:
     assert isinstance(fed, Federation)
     return fed
 
-
-def read_tokens(path: str | None, env: str) -> list[str]:
-    """Tokens from a file (one per line) or an environment variable (newline or comma separated)."""
-    text = Path(path).read_text() if path else os.environ.get(env, "")
-    return [t.strip() for t in text.replace(",", "\n").splitlines() if t.strip() and not t.startswith("#")]

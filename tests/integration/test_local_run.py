@@ -201,7 +201,7 @@ def test_silo_client_trains_on_its_own_data(tmp_path: Path) -> None:
     doc = manifest(rounds=4, clients={"count": 2, "perRound": 2, "minPerRound": 2, "workers": 1})
     path = write_manifest(tmp_path / "fed.yaml", doc)
     run = LocalRun(manifest=path, fed=load_federation(path), out=tmp_path, workers=1,
-                   extra_tokens=["silo:hospital=hospital-token"])
+                   silo_tokens={"hospital": "hospital-token"})
     (tmp_path / "state").mkdir()
     with open(tmp_path / "silo.log", "wb") as silo_log:
         try:
