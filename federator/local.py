@@ -27,9 +27,13 @@ from typing import Any
 from federator import tokens
 from federator.api.manifest import ManifestError, load_federation
 from federator.api.models import Federation
+from federator.preflight import check_federation
 from federator.runtime import lifeline
+from federator.runtime.statelock import StateDirLocked, ensure_unlocked
 
 STATE = "state"
+LAST_ERROR_FILE = "last-error"  # written by the server (federator/runtime/server.py) when it fails
+CHECKPOINT_FILE = "checkpoint.pt"
 
 
 @dataclass
@@ -103,7 +107,7 @@ class LocalRun:
         deadline = time.monotonic() + timeout
         while not ready.exists():
             if self.server.poll() is not None:
-                raise RuntimeError(f"the server exited with code {self.server.returncode}; see {self.out}/server.log")
+                raise RuntimeError(self.server_failure())
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the server did not start within {timeout:.0f}s; see {self.out}/server.log")
             time.sleep(0.05)
@@ -118,6 +122,20 @@ class LocalRun:
                  "--name", f"worker-{i}", "--metrics-port", "-1", "--threads", str(threads)],
                 f"worker-{i}.log", self._env(FEDERATOR_TOKEN=self.token),
             ))
+
+    def server_failure(self) -> str:
+        """The server's own one-line reason for exiting with an error (its last-error file, else the last
+        line of its log), and where its log is."""
+        assert self.server is not None
+        code = self.server.returncode
+        reason = ""
+        with contextlib.suppress(OSError):
+            reason = (self.state_dir / LAST_ERROR_FILE).read_text().strip()
+        if not reason:
+            with contextlib.suppress(OSError):
+                lines = [ln for ln in (self.out / "server.log").read_text(errors="replace").splitlines() if ln.strip()]
+                reason = lines[-1].strip() if lines else ""
+        return f"{reason or f'the server exited with code {code}'} (log: {self.out}/server.log)"
 
     def status(self) -> dict[str, Any] | None:
         try:
@@ -266,6 +284,11 @@ def _restore_signals(previous: dict[int, Any]) -> None:
 def run_local(manifest: Path, out: Path, workers: int | None = None, resume: bool = False,
               quiet: bool = False) -> int:
     fed = load_federation(manifest)
+    try:
+        ensure_unlocked(out / STATE)  # before anything is deleted: it may be a live run's
+    except StateDirLocked as exc:
+        print(f"federation {fed.metadata.name}: {exc}", file=sys.stderr)
+        return 2
     out.mkdir(parents=True, exist_ok=True)
     if not resume:
         shutil.rmtree(out / STATE, ignore_errors=True)
@@ -296,15 +319,19 @@ def run_local(manifest: Path, out: Path, workers: int | None = None, resume: boo
     finally:
         run.stop()
         _restore_signals(previous)
+    resume_cmd = f"federator run {manifest} --out {out} --resume"
     if interrupted:
-        print(f"interrupted; every process stopped. Resume with: federator run {manifest} --out {out} --resume",
-              file=sys.stderr)
+        print(f"interrupted; every process stopped. Resume with: {resume_cmd}", file=sys.stderr)
         return 130
     assert run.server is not None
     if run.server.returncode != 0:
-        reason = (last or {}).get("message") or f"server exited with code {run.server.returncode}"
-        print(f"federation {fed.metadata.name} failed: {reason}\nlogs: {out}/server.log, {out}/worker-*.log",
-              file=sys.stderr)
+        reason = run.server_failure()
+        said = (last or {}).get("message")
+        if said and not (run.state_dir / LAST_ERROR_FILE).exists():
+            reason = f"{said} (log: {out}/server.log)"
+        print(f"federation {fed.metadata.name} failed: {reason}", file=sys.stderr)
+        if (run.state_dir / CHECKPOINT_FILE).exists():
+            print(f"completed rounds are kept; once fixed, continue with: {resume_cmd}", file=sys.stderr)
         return 1
     doc = write_results(run)
     final = doc["rounds"][-1] if doc["rounds"] else {}
@@ -322,6 +349,11 @@ def main(args: argparse.Namespace) -> int:
         return 2
     except ManifestError as exc:
         for p in exc.problems:
+            print(f"{manifest}: {p}", file=sys.stderr)
+        return 2
+    problems = check_federation(fed)
+    if problems:
+        for p in problems:
             print(f"{manifest}: {p}", file=sys.stderr)
         return 2
     out = Path(args.out) if args.out else Path("results") / fed.metadata.name

@@ -5,15 +5,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import yaml
-
-from federator.api.manifest import ManifestError, parse_document
+from federator.api.manifest import ManifestError, load_yaml_documents, parse_document
 from federator.api.models import API_VERSION, Federation
 
 
 def load_federation_config(path: str | Path) -> Federation:
     """A Federation from a manifest file, or from a file holding only its spec (then named by FEDERATOR_NAME)."""
-    docs = [d for d in yaml.safe_load_all(Path(path).read_text()) if d is not None]
+    docs = load_yaml_documents(path)
     feds = [d for d in docs if isinstance(d, dict) and d.get("kind") == "Federation"]
     if feds:
         doc = feds[0]

@@ -47,3 +47,17 @@ def holder_pid(state_dir: Path) -> int | None:
     with contextlib.suppress(OSError, ValueError):
         return int((state_dir / LOCK_FILE).read_text().strip())
     return None
+
+
+def ensure_unlocked(state_dir: Path) -> None:
+    """Raise StateDirLocked if a live server holds the folder; otherwise leave it as it is."""
+    path = state_dir / LOCK_FILE
+    if not path.exists():
+        return
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise StateDirLocked(state_dir, holder_pid(state_dir)) from None
+    finally:
+        os.close(fd)  # also releases the lock if we got it

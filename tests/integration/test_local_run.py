@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from federator import tokens
 from federator.api.manifest import load_federation
 from federator.local import LocalRun, write_results
 from federator.runtime.transport import RECONNECT_BACKOFF_MAX
@@ -266,3 +267,54 @@ def test_ctrl_c_stops_every_process_and_resume_finishes_the_run(tmp_path: Path) 
     rounds = json.loads((out / "metrics.json").read_text())["rounds"]
     assert [r["round"] for r in rounds] == list(range(1, 41))
     assert "resumed from checkpoint" in (out / "server.log").read_text()
+
+
+def test_kill_9_of_run_leaves_no_process_and_resume_runs_each_round_once(tmp_path: Path) -> None:
+    doc = manifest(rounds=30, clients={"count": 4, "perRound": 4, "minPerRound": 4, "workers": 2})
+    path = write_manifest(tmp_path / "kill9.yaml", doc)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "federator", "run", str(path), "--out", str(out), "--quiet"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.startswith("round "):
+            break
+    children = set(_processes_mentioning(str(path))) - {proc.pid}
+    assert len(children) == 3  # the server and two workers
+    proc.kill()
+    proc.wait(10)
+    # they notice the lost parent at once (PR_SET_PDEATHSIG, or EOF on the lifeline pipe) and stop
+    wait_for(lambda: not (children & set(_processes_mentioning(str(path)))), 60, "every child process to exit")
+
+    done = federator("run", str(path), "--out", str(out), "--quiet", "--resume")
+    assert done.returncode == 0, done.stderr[-3000:]
+    rounds = json.loads((out / "metrics.json").read_text())["rounds"]
+    assert [r["round"] for r in rounds] == list(range(1, 31))
+    log = (out / "server.log").read_text()  # both servers' lines: each round completed exactly once
+    assert [log.count(f" round {i}/30: ") for i in range(1, 31)] == [1] * 30
+    assert "resumed from checkpoint" in log
+
+
+def test_a_second_server_on_a_state_folder_in_use_refuses(tmp_path: Path) -> None:
+    doc = manifest(rounds=2)
+    path = write_manifest(tmp_path / "fed.yaml", doc)
+    run = LocalRun(manifest=path, fed=load_federation(path), out=tmp_path, workers=1)
+    (tmp_path / "state").mkdir()
+    try:
+        run.reserve_ports()
+        run.start_server()  # no workers: it waits for them, holding the folder
+        assert run.server is not None
+        second = subprocess.run(
+            [sys.executable, "-m", "federator", "server", "--config", str(path), "--port", "0", "--metrics-port", "0",
+             "--state-dir", str(run.state_dir)],
+            cwd=ROOT, capture_output=True, text=True, timeout=120,
+            env=dict(os.environ, FEDERATOR_TOKENS=tokens.dumps(tokens.Tokens(("t",)))))
+        assert second.returncode == 2, second.stderr[-2000:]
+        assert f"is in use by process {run.server.pid}" in second.stderr
+        assert f"kill {run.server.pid}" in second.stderr
+        # and `federator run` on the same folder refuses before deleting anything of the live run
+        again = federator("run", str(path), "--out", str(tmp_path))
+        assert again.returncode == 2 and f"in use by process {run.server.pid}" in again.stderr
+        assert (tmp_path / "server.log").exists() and run.server.poll() is None
+    finally:
+        run.stop()
