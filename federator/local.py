@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import json
 import os
 import secrets
@@ -128,9 +129,9 @@ class LocalRun:
         line of its log), and where its log is."""
         assert self.server is not None
         code = self.server.returncode
-        reason = ""
+        reason = f"the server was killed by {signal.Signals(-code).name}" if code is not None and code < 0 else ""
         with contextlib.suppress(OSError):
-            reason = (self.state_dir / LAST_ERROR_FILE).read_text().strip()
+            reason = reason or (self.state_dir / LAST_ERROR_FILE).read_text().strip()
         if not reason:
             with contextlib.suppress(OSError):
                 lines = [ln for ln in (self.out / "server.log").read_text(errors="replace").splitlines() if ln.strip()]
@@ -194,6 +195,9 @@ def follow(run: LocalRun, quiet: bool) -> dict[str, Any] | None:
     last: dict[str, Any] | None = None
     printed = 0
     assert run.server is not None
+    # this process idles while the rounds run: import the plotting library then, not after the last round
+    # (most of a second); not before round 1, when the server and the workers need the CPU
+    plotting = threading.Thread(target=importlib.import_module, args=("federator.plots",), daemon=True)
     with Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("rounds"),
         TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console, disable=quiet, transient=False,
@@ -205,6 +209,8 @@ def follow(run: LocalRun, quiet: bool) -> dict[str, Any] | None:
             if st is not None:
                 last = st
                 progress.update(task, completed=st["round"], info=_info(st))
+                if st["round"] >= 1 and plotting.ident is None:
+                    plotting.start()
             if quiet:
                 printed = _print_new_rounds(run, printed, rounds)
             if not running:

@@ -152,6 +152,7 @@ def test_server_serves_health_metrics_and_status(tmp_path: Path) -> None:
             assert r.status == 200
         pending = json.load(urllib.request.urlopen(f"{base}/status"))
         assert pending["phase"] == "Pending" and pending["round"] == 0 and pending["rounds"] == 4
+        assert pending["message"] == "waiting for client workers to join"
         run.start_clients()
         wait_for(lambda: _status(run).get("round", 0) >= 2, 120, "two rounds")
         text = urllib.request.urlopen(f"{base}/metrics").read().decode()
@@ -166,6 +167,7 @@ def test_server_serves_health_metrics_and_status(tmp_path: Path) -> None:
     assert f'federator_client_updates_total{{{labels},outcome="accepted"}}' in text
     assert "federator_round_duration_seconds_bucket" in text
     assert st["phase"] in ("Running", "Succeeded") and st["round"] >= 2
+    assert st["message"] in ("", "completed 4 rounds")  # the waiting reason is gone once rounds run
     assert 0.0 <= st["accuracy"] <= 1.0 and st["clients"]["participants"] == 4
 
 
@@ -318,3 +320,28 @@ def test_a_second_server_on_a_state_folder_in_use_refuses(tmp_path: Path) -> Non
         assert (tmp_path / "server.log").exists() and run.server.poll() is None
     finally:
         run.stop()
+
+
+def test_a_server_failure_is_explained_on_the_console_with_how_to_continue(tmp_path: Path) -> None:
+    doc = manifest(rounds=30, clients={"count": 4, "perRound": 4, "minPerRound": 4, "workers": 1})
+    path = write_manifest(tmp_path / "fed.yaml", doc)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "federator", "run", str(path), "--out", str(out), "--quiet"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.startswith("round "):
+            break
+    server = int((out / "state" / "server.lock").read_text())
+    os.kill(server, signal.SIGKILL)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert "failed: the server was killed by SIGKILL" in err
+    assert f"continue with: federator run {path} --out {out} --resume" in err
+
+    doc["spec"]["model"]["hiddenSizes"] = [16]  # a checkpoint of the old model cannot be continued with it
+    write_manifest(path, doc)
+    done = federator("run", str(path), "--out", str(out), "--quiet", "--resume")
+    assert done.returncode == 1
+    assert "was made for a different model; use a new state directory" in done.stderr
+    assert "Traceback" not in done.stderr
