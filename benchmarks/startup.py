@@ -79,18 +79,17 @@ def phases(manifest: Path) -> tuple[float, float, float]:
     return imports, data, step
 
 
-def heaviest_imports(module: str, count: int = 8) -> list[tuple[str, float]]:
-    """Top-level packages by cumulative import time (ms) when importing `module`."""
+def heaviest_imports(module: str, count: int = 6) -> list[tuple[str, float]]:
+    """Top-level packages by their own import time (ms, summed over their modules) when importing `module`."""
     out = subprocess.run([sys.executable, "-X", "importtime", "-c", f"import {module}"], cwd=ROOT,
                          capture_output=True, text=True, check=True, timeout=300)
     totals: dict[str, float] = {}
     for line in out.stderr.splitlines():
-        if not line.startswith("import time:") or "|" not in line:
+        parts = line.removeprefix("import time:").split("|")
+        if len(parts) != 3 or not parts[0].strip().isdigit():
             continue
-        _, cumulative, name = line.split("|")
-        if cumulative.strip().isdigit() and name.startswith(" ") and not name.startswith("   "):
-            top = name.strip().split(".")[0]
-            totals[top] = totals.get(top, 0.0) + int(cumulative) / 1000.0  # only direct imports: no double count
+        top = parts[2].strip().split(".")[0]
+        totals[top] = totals.get(top, 0.0) + int(parts[0]) / 1000.0
     return sorted(totals.items(), key=lambda kv: -kv[1])[:count]
 
 
