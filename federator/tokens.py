@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +28,19 @@ class Tokens:
 
     def __bool__(self) -> bool:
         return bool(self.workers or self.silos)
+
+    @classmethod
+    def from_entries(cls, entries: Iterable[str]) -> Tokens:
+        """From in-memory entries `TOKEN` (a worker token) or `silo:NAME=TOKEN`: a shorthand for code and
+        tests that build tokens in memory. Files and variables are always JSON (`loads`)."""
+        workers, silos = [], {}
+        for entry in entries:
+            if entry.startswith("silo:") and "=" in entry:
+                name, token = entry.removeprefix("silo:").split("=", 1)
+                silos[name] = token
+            elif entry:
+                workers.append(entry)
+        return cls(tuple(workers), silos)
 
 
 def dumps(tokens: Tokens) -> str:

@@ -114,8 +114,8 @@ class FederationServer:
         self.name = fed.metadata.name
         self.namespace = fed.metadata.namespace
         self.state_dir = state_dir
-        self._lock_fd: int | None = lock_state_dir(state_dir)  # before the checkpoint is read: one server per folder
-        tokens = tokens if isinstance(tokens, Tokens) else Tokens(tuple(tokens))  # a list: worker tokens
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        tokens = tokens if isinstance(tokens, Tokens) else Tokens.from_entries(tokens)
         self.worker_tokens, self.silo_tokens = list(tokens.workers), dict(tokens.silos)
         self.heartbeat_seconds = heartbeat_seconds
         self.dead_after = 3 * heartbeat_seconds + 2.0
@@ -214,9 +214,6 @@ class FederationServer:
             self._cond.notify_all()
         self._grpc.stop(grace).wait()
         self._http.stop()
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
 
     # ------------------------------------------------------------------------------------ round loop
 
@@ -733,6 +730,7 @@ def _serve(args: argparse.Namespace, state_dir: Path) -> int:
     if bool(args.tls_cert) != bool(args.tls_key):
         raise TokensError("--tls-cert and --tls-key go together: pass both or neither")
     tls = (Path(args.tls_cert).read_bytes(), Path(args.tls_key).read_bytes()) if args.tls_cert else None
+    lock_state_dir(state_dir)  # held until this process ends, taken before the checkpoint is read
     server = FederationServer(fed, state_dir, tokens, args.host, port, mport, tls=tls).start()
     if args.ready_file:
         Path(args.ready_file).write_text(f"{server.port} {server.metrics_port}\n")

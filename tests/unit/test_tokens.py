@@ -60,3 +60,7 @@ def test_the_client_token_is_the_whole_file_without_surrounding_space(tmp_path: 
     assert tokens.read_client_token(str(tmp_path / "token")) == "a,b=c"
     monkeypatch.setenv("FEDERATOR_TOKEN", " x,y ")
     assert tokens.read_client_token(None) == "x,y"
+
+
+def test_in_memory_entries_bind_silo_tokens() -> None:
+    assert tokens.Tokens.from_entries(["w", "silo:a=x=y", ""]) == tokens.Tokens(("w",), {"a": "x=y"})
