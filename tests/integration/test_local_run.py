@@ -318,6 +318,9 @@ def test_a_second_server_on_a_state_folder_in_use_refuses(tmp_path: Path) -> Non
         again = federator("run", str(path), "--out", str(tmp_path))
         assert again.returncode == 2 and f"in use by process {run.server.pid}" in again.stderr
         assert (tmp_path / "server.log").exists() and run.server.poll() is None
+        run.server.send_signal(signal.SIGHUP)  # the terminal closed: a clean stop, as on SIGTERM
+        assert run.server.wait(60) == 1  # stopped before its rounds were done
+        assert f"signal {int(signal.SIGHUP)}: stopping" in (tmp_path / "server.log").read_text()
     finally:
         run.stop()
 
