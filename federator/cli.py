@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=int, default=None, help="gRPC port (default: spec.server.port; 0 = any free)")
     srv.add_argument("--metrics-port", type=int, default=None, help="HTTP port (default: spec.server.metricsPort)")
     srv.add_argument("--state-dir", default="./federator-state", help="checkpoint, final model and logs")
-    srv.add_argument("--token-file", default=None, help="file with accepted tokens, one per line (or FEDERATOR_TOKENS)")
+    srv.add_argument("--token-file", default=None,
+                     help='accepted tokens as JSON: {"workers": [...], "silos": {NAME: TOKEN}} (or FEDERATOR_TOKENS)')
     srv.add_argument("--ready-file", default=None, help="write 'grpc_port metrics_port' here once listening")
     srv.add_argument("--linger-seconds", type=float, default=0.0,
                      help="after the last round keep serving until the workers left, at most this long; "
