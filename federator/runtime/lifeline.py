@@ -3,7 +3,7 @@
 The parent keeps the write end of a pipe and passes the read end to each child (`FEDERATOR_LIFELINE_FD`).
 The kernel closes the write end when the parent dies, so the child's read returns: the child then stops
 itself as on SIGTERM. On Linux the child also asks for SIGTERM when its parent dies (PR_SET_PDEATHSIG),
-which is immediate; the pipe is the portable path and covers the race before prctl is called.
+which is immediate; the pipe is the portable path, and covers a parent that dies before prctl is called.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import contextlib
 import ctypes
 import os
 import signal
+import stat
 import sys
 import threading
 
@@ -23,18 +24,24 @@ GRACE_SECONDS = 10.0  # after the parent died: time to stop cleanly before the c
 
 def watch_parent() -> bool:
     """In a child: stop (SIGTERM to ourselves) when the parent that set the environment dies.
-    Returns False when this process was not started with a lifeline."""
-    fd_text = os.environ.get(ENV_FD)
-    if not fd_text:
+
+    Returns False, and watches nothing, when this process holds no lifeline: no variable, or a variable
+    without its pipe (inherited by a process that did not get the fd).
+    """
+    fd_text = os.environ.get(ENV_FD, "")
+    if not fd_text.isdigit():
         return False
     fd = int(fd_text)
-    parent = int(os.environ.get(ENV_PARENT, "0"))
-    if sys.platform.startswith("linux"):
+    try:
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+            return False
+    except OSError:
+        return False
+    if sys.platform.startswith("linux") and os.getppid() == int(os.environ.get(ENV_PARENT, "0") or 0):
         with contextlib.suppress(OSError, AttributeError):
             libc = ctypes.CDLL(None, use_errno=True)
             libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    if parent and os.getppid() != parent:  # it died before prctl took effect
-        _parent_gone()
+    # a parent that died before prctl leaves the pipe at EOF already: the watcher stops us at once
     threading.Thread(target=_watch, args=(fd,), name="lifeline", daemon=True).start()
     return True
 
