@@ -142,6 +142,11 @@ def _as_image_batch(x: np.ndarray) -> np.ndarray:
     return x
 
 
+def _is_zip(path: Path) -> bool:
+    with path.open("rb") as f:
+        return f.read(4) == b"PK\x03\x04"
+
+
 def _load_npz(path: str) -> ArrayDataset:
     p = _existing_file(path)
     try:
@@ -158,7 +163,10 @@ def _load_npz(path: str) -> ArrayDataset:
             raw_y = archive[pair[1]]
     except DataError:
         raise
-    except ValueError as exc:  # object arrays need pickle, which we refuse
+    except ValueError as exc:  # object arrays need pickle, which we refuse; np.load also says so of non-zip files
+        if not _is_zip(p):
+            raise DataError(f"data.path: {p} is not an npz file (an npz is a zip of arrays: save it with "
+                            "np.savez(path, x=features, y=labels)), or set data.dataset to its format") from exc
         raise DataError(
             f"data.path: cannot read {p} as npz without pickle ({exc}); store numeric arrays"
         ) from exc
