@@ -26,6 +26,7 @@ import torch
 
 from federator.api.models import Federation
 from federator.runtime import lifeline
+from federator.runtime.aggregation.attacks import local_data
 from federator.runtime.config import load_federation_config
 from federator.runtime.data import ArrayDataset, FederatedData, load_silo_data, prepare_data
 from federator.runtime.httpserver import StatusHTTPServer
@@ -224,7 +225,8 @@ class Worker:
             return self.silo_data
         if self._data is None:
             self._data = prepare_data(self.spec)
-        return self._data.client(int(client_id.removeprefix("sim-")))
+        # byzantine.attack (experiments only): a label-flip attacker trains on poisoned labels
+        return local_data(self.spec, client_id, self._data.client(int(client_id.removeprefix("sim-"))))
 
     def _build(self, joined: Joined) -> torch.nn.Module:
         if self._model is None:
