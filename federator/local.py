@@ -300,7 +300,9 @@ def run_local(manifest: Path, out: Path, workers: int | None = None, resume: boo
     out.mkdir(parents=True, exist_ok=True)
     if not resume:
         shutil.rmtree(out / STATE, ignore_errors=True)
-        for name in ("metrics.json", "accuracy.png", "loss.png", "anomaly.png", "model.pt", "server.log"):
+        shutil.rmtree(out / "residuals", ignore_errors=True)  # error feedback of the previous run's clients
+        for name in ("metrics.json", "accuracy.png", "loss.png", "anomaly.png", "bytes.png", "model.pt",
+                     "server.log"):
             (out / name).unlink(missing_ok=True)
         for old in out.glob("worker-*.log"):
             old.unlink()

@@ -246,3 +246,29 @@ def test_a_compressed_update_larger_than_any_valid_one_is_refused_before_it_is_r
     huge = b"\0" * (c.max_payload_bytes(c.float_count(params)) + 1)
     reply = client.submit(compressed_update(client, task, huge))
     assert not reply.accepted and reply.reason == "oversized"
+
+
+def test_federator_run_keeps_residuals_in_the_run_folder_and_a_fresh_run_starts_them_anew(tmp_path: Path) -> None:
+    """Real processes: the workers share <out>/residuals; a new run (no --resume) does not continue the
+    previous run's residuals, which would add a stale update to every client's first one."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.helpers.manifests import write_manifest
+
+    out = tmp_path / "out"
+    stale = out / "residuals" / "test--sim-0.npy"
+    stale.parent.mkdir(parents=True)
+    np.save(stale, np.full(9610, 1e6, dtype=np.float32))  # the right size: it would be used
+    path = write_manifest(tmp_path / "fed.yaml", digits(2, compression=TOP1_8BIT_EF))
+    done = subprocess.run([sys.executable, "-m", "federator", "run", str(path), "--out", str(out), "--quiet"],
+                          cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    residuals = {p.name: np.load(p) for p in (out / "residuals").glob("*.npy")}
+    assert sorted(residuals) == [f"test--sim-{i}.npy" for i in range(4)]
+    assert all(np.abs(r).max() < 1e3 for r in residuals.values())  # none continued the planted one
+    doc = json.loads((out / "metrics.json").read_text())
+    assert doc["compression"]["ratio"]["uplink"] >= 50
+    assert doc["rounds"][-1]["accuracy"] > 0.3
+    assert (out / "bytes.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
