@@ -33,10 +33,21 @@ from federator.api.models import Federation
 from federator.runtime.aggregation import FedAvgAccumulator, ServerOptimizerState, server_update
 from federator.runtime.checkpoint import load_checkpoint, save_checkpoint
 from federator.runtime.config import load_federation_config, read_tokens
-from federator.runtime.data import prepare_data
+from federator.runtime.data import DataError, prepare_data
+from federator.runtime.diagnostics import majority_rate, stuck_at_majority, stuck_message
 from federator.runtime.httpserver import StatusHTTPServer
 from federator.runtime.metrics import ServerMetrics
 from federator.runtime.models import build_model, count_parameters
+from federator.runtime.normalization import (
+    FeatureStats,
+    Normalizer,
+    combine_stats,
+    feature_stats,
+    normalizer_from_stats,
+    normalizer_to_proto,
+    resolve_mode,
+    stats_from_proto,
+)
 from federator.runtime.proto import federator_pb2 as pb
 from federator.runtime.proto import federator_pb2_grpc as pb_grpc
 from federator.runtime.training import Params, evaluate, get_params, set_params
@@ -132,6 +143,13 @@ class FederationServer:
         self.run_id = secrets.token_hex(8)
         self.phase = "Pending"
         self.message = ""
+        self.warning = ""  # a training problem worth a user's attention (see diagnostics.py)
+        self.normalize_mode = resolve_mode(self.spec.data)
+        self.normalizer: Normalizer | None = None
+        self._normalization_fixed = False  # from the checkpoint, or at the start of round 1
+        self.eval_data = self.data.test
+        self._norm_pb: pb.Normalization | None = None
+        self._majority = majority_rate(self.data.test.y, self.data.num_classes)
         self._resume()
         self.version = model_version(self.run_id, self.completed)
         self.encoded: Encoded = encode(self.params, self.chunk_bytes)
@@ -142,6 +160,7 @@ class FederationServer:
         self.queue: deque[str] = deque()
         self.current: RoundState | None = None
         self.silo_stats: dict[str, dict[str, Any]] = {}
+        self.silo_features: dict[str, FeatureStats] = {}  # silo -> its feature statistics (data.normalize)
         self.participants = 0
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -192,6 +211,8 @@ class FederationServer:
         self.history = [dict(h) for h in state["history"]]
         self.completed = int(state["completed_round"])
         self.run_id = str(state["run_id"])
+        if "normalization" in state:
+            self._set_normalizer(Normalizer.from_state(state["normalization"]) if state["normalization"] else None)
         self.resumed = True
         log.info("resumed from checkpoint: %d of %d rounds completed", self.completed, self.spec.rounds)
 
@@ -220,6 +241,8 @@ class FederationServer:
                 return 0
             if not self._wait_for_clients():
                 return 1
+            if not self._normalization_fixed:
+                self._fix_normalization()
             self.phase = "Running"
             while self.completed < self.spec.rounds and not self._stopping.is_set():
                 if not self._run_round_with_retries(self.completed + 1):
@@ -311,7 +334,7 @@ class FederationServer:
         self.params, self.opt_state = server_update(self.params, aggregate, self.spec.aggregation.serverOptimizer,
                                                     self.opt_state)
         set_params(self.model, self.params)
-        loss, acc = evaluate(self.model, self.data.test)
+        loss, acc = evaluate(self.model, self.eval_data)
         ended = time.time()
         record = {
             "round": rnd,
@@ -342,7 +365,44 @@ class FederationServer:
         self._m["loss"].set(loss)
         log.info("round %d/%d: accuracy %.4f loss %.4f (%d updates, %.2fs)", rnd, self.spec.rounds, acc, loss,
                  accepted, record["round_seconds"])
+        self._check_learning()
         return None
+
+    def _check_learning(self) -> None:
+        stuck = stuck_at_majority([h["accuracy"] for h in self.history], self._majority)
+        if stuck and not self.warning:
+            self.warning = stuck_message(len(self.history), self._majority,
+                                         self.normalizer.mode if self.normalizer else "none")
+            log.warning("%s", self.warning)
+        elif not stuck:
+            self.warning = ""
+
+    # ------------------------------------------------------------------------------ normalisation
+
+    def _fix_normalization(self) -> None:
+        """Combine every client's feature statistics (simulated partitions and joined silos) once."""
+        if self.normalize_mode != "none":
+            with self._cond:
+                silos = dict(self.silo_features)
+            parts = [feature_stats(self.data.client(i).x) for i in range(self.data.num_clients)]
+            shape = self.data.input_shape
+            for silo, st in sorted(silos.items()):
+                if st.shape == shape:
+                    parts.append(st)
+                else:
+                    log.warning("silo %s: feature statistics of shape %s do not match %s; left out of "
+                                "data.normalize", silo, st.shape, shape)
+            pooled = combine_stats(parts)
+            self._set_normalizer(normalizer_from_stats(self.normalize_mode, pooled))
+            log.info("data.normalize=%s: statistics of %d clients (%d samples, %d silos) combined",
+                     self.normalize_mode, len(parts), pooled.count, len(parts) - self.data.num_clients)
+        self._normalization_fixed = True
+
+    def _set_normalizer(self, nz: Normalizer | None) -> None:
+        self.normalizer = nz
+        self.eval_data = nz.apply(self.data.test) if nz is not None else self.data.test
+        self._norm_pb = normalizer_to_proto(nz) if nz is not None else None
+        self._normalization_fixed = True
 
     def _checkpoint(self, completed: int, history: list[dict[str, Any]]) -> None:
         save_checkpoint(self.state_dir / CHECKPOINT_FILE, {
@@ -353,6 +413,7 @@ class FederationServer:
             "params": self.params,
             "optimizer": {"step": self.opt_state.step, "m": self.opt_state.m, "v": self.opt_state.v},
             "history": history,
+            "normalization": self.normalizer.to_state() if self.normalizer is not None else None,
             "layout": [(t.name, t.dtype, list(t.shape)) for t in self.layout.tensors],
         })
         _write_json_atomic(self.state_dir / "metrics.json", {**self.metrics_document(), "rounds": history})
@@ -412,6 +473,8 @@ class FederationServer:
             "compressionRatio": 1.0,
             "pendingTasks": len(self.queue),
             "message": self.message,
+            "warning": self.warning,
+            "normalize": self.normalizer.mode if self.normalizer is not None else "none",
             "roundStartedAt": self.current.started if self.current else None,
             "silos": self.silo_stats,
         }
@@ -462,6 +525,11 @@ class FederationServer:
             if silo:
                 self.silo_stats.setdefault(silo, {"joined": True, "roundsParticipated": 0,
                                                   "lastUpdateTime": None, "flagged": False})["joined"] = True
+                if req.HasField("feature_stats"):
+                    try:
+                        self.silo_features[silo] = stats_from_proto(req.feature_stats)
+                    except DataError as exc:
+                        log.warning("silo %s: ignoring its feature statistics: %s", silo, exc)
             self._m["clients_connected"].set(len(self.workers))
             self._cond.notify_all()
         log.info("worker %s joined as %s%s", w.name, wid, f" (silo {silo})" if silo else "")
@@ -655,7 +723,7 @@ class _Servicer(pb_grpc.FederatorServicer):
         yield pb.TaskMessage(header=pb.TaskHeader(
             kind=pb.TaskHeader.TRAIN, task_id=got.task_id, round=got.round, client_id=got.client_id,
             version=version, weights_included=include, tensors=list(encoded.specs) if include else [],
-            total_bytes=encoded.total_bytes if include else 0,
+            total_bytes=encoded.total_bytes if include else 0, normalization=s._norm_pb,
         ))
         if include:
             for chunk in encoded.chunks():
