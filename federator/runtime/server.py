@@ -64,6 +64,11 @@ from federator.runtime.transport import (
 log = logging.getLogger("federator.server")
 
 CHECKPOINT_FILE = "checkpoint.pt"
+# gRPC's thread-pool server holds one thread per open call, and every connected worker keeps a GetTask
+# long-poll open: the pool must exceed the workers, or heartbeats queue behind long-polls and workers are
+# dropped as dead. Threads start on demand, so an idle pool costs nothing (benchmarks/scale.py).
+GRPC_THREADS = int(os.environ.get("FEDERATOR_GRPC_THREADS", "1100"))
+REAP_EVERY = 0.2  # seconds between scans for workers that stopped beating
 MAX_TASK_ATTEMPTS = 3
 MiB = 1 << 20
 
@@ -154,7 +159,11 @@ class FederationServer:
         self.version = model_version(self.run_id, self.completed)
         self.encoded: Encoded = encode(self.params, self.chunk_bytes)
 
-        self._cond = threading.Condition()
+        lock = threading.RLock()
+        self._cond = threading.Condition(lock)  # round bookkeeping changed (updates, joins, drops)
+        self._task_ready = threading.Condition(lock)  # tasks queued or the federation ended: wakes GetTask
+        self._next_reap = 0.0
+        self.long_polls = 0
         self._stopping = threading.Event()
         self.workers: dict[str, WorkerInfo] = {}
         self.queue: deque[str] = deque()
@@ -177,7 +186,7 @@ class FederationServer:
             self._m["loss"].set(self.history[-1]["loss"])
 
         self._grpc = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="grpc"),
+            futures.ThreadPoolExecutor(max_workers=GRPC_THREADS, thread_name_prefix="grpc"),
             options=[("grpc.max_receive_message_length", max_msg), ("grpc.max_send_message_length", max_msg)],
         )
         pb_grpc.add_FederatorServicer_to_server(_Servicer(self), self._grpc)
@@ -227,6 +236,7 @@ class FederationServer:
         self._stopping.set()
         with self._cond:
             self._cond.notify_all()
+            self._task_ready.notify_all()
         self._grpc.stop(grace).wait()
         self._http.stop()
 
@@ -255,6 +265,7 @@ class FederationServer:
         finally:
             with self._cond:
                 self._cond.notify_all()
+                self._task_ready.notify_all()
 
     def _wait_for_clients(self) -> bool:
         while not self._stopping.is_set():
@@ -309,11 +320,14 @@ class FederationServer:
             self.queue.extend(tasks)
             self._m["pending_tasks"].set(len(self.queue))
             self._cond.notify_all()
+            self._task_ready.notify_all()
             deadline = time.monotonic() + self.spec.clients.roundTimeoutSeconds
             cur = self.current
+            order, first_open = list(tasks.values()), 0  # done, dropped, cancelled are final: scan once
             while not self._stopping.is_set():
-                open_tasks = [t for t in tasks.values() if t.state in ("queued", "assigned")]
-                if not open_tasks:
+                while first_open < len(order) and order[first_open].state not in ("queued", "assigned"):
+                    first_open += 1
+                if first_open == len(order):
                     break
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -482,6 +496,9 @@ class FederationServer:
     def _reap_dead_workers(self) -> None:
         """Forget workers that stopped beating and requeue their tasks (caller holds the lock)."""
         now = time.monotonic()
+        if now < self._next_reap:  # called on every wake-up of the round loop: scan at most every REAP_EVERY
+            return
+        self._next_reap = now + REAP_EVERY
         for wid, w in list(self.workers.items()):
             if now - w.last_seen > self.dead_after:
                 log.warning("worker %s (%s) stopped responding; requeueing its task", w.name, wid)
@@ -501,6 +518,7 @@ class FederationServer:
             self.silo_stats[w.silo]["joined"] = False
         self._m["clients_connected"].set(len(self.workers))
         self._cond.notify_all()
+        self._task_ready.notify_all()
 
     def check_token(self, token: str, silo: str | None = None) -> bool:
         if silo:
@@ -551,7 +569,11 @@ class FederationServer:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return "none"
-                self._cond.wait(remaining)
+                self.long_polls += 1  # GetTask calls parked here, each holding one gRPC thread
+                try:
+                    self._task_ready.wait(remaining)
+                finally:
+                    self.long_polls -= 1
 
     def _take_task(self, w: WorkerInfo) -> Task | None:
         if self.current is None or self.current.closed:
@@ -589,6 +611,7 @@ class FederationServer:
                         self.queue.append(task.task_id)
                     self._m["pending_tasks"].set(len(self.queue))
                     self._cond.notify_all()
+                    self._task_ready.notify_all()
         self.metrics.updates.labels(**self._lv, outcome="late" if late else "rejected").inc()
         self.metrics.rejections.labels(**self._lv, reason=reason).inc()
         log.warning("update rejected (%s): %s", reason, detail)
