@@ -207,7 +207,7 @@ async def heartbeats(stub: Any, wid: str, every: float, stats: LoadStats, stop: 
 
 
 async def load(address: str, workers: int, seconds: float, hold: float = 0.0,
-               on_all_joined: Any = None) -> LoadStats:
+               on_all_joined: Any = None, on_deadline: Any = None) -> LoadStats:
     stats = LoadStats()
     stop, joined_all = asyncio.Event(), asyncio.Event()
     deadline = time.monotonic() + seconds
@@ -219,6 +219,11 @@ async def load(address: str, workers: int, seconds: float, hold: float = 0.0,
             await asyncio.sleep(0.1)
             stats.loop_lag_ms.append((time.perf_counter() - t0 - 0.1) * 1000)
     tasks.append(asyncio.create_task(lag()))
+    if on_deadline is not None:  # the server's view while every worker still runs (afterwards it reaps them)
+        async def at_deadline() -> None:
+            await asyncio.sleep(max(0.0, deadline - time.monotonic() - 0.5))
+            on_deadline()
+        tasks.append(asyncio.create_task(at_deadline()))
     if on_all_joined is not None:
         async def watch() -> None:
             await joined_all.wait()
@@ -272,21 +277,27 @@ def many_workers(workers: int, seconds: float, workdir: Path, env: dict[str, str
                     peak["threads"] = max(peak["threads"], s.threads())
                     peak["rss"] = max(peak["rss"], s.rss_mib())
 
+        seen: dict[str, Any] = {}
+
         def on_all_joined() -> None:
             samples["rss_joined"] = s.rss_mib()
 
+        def on_deadline() -> None:
+            seen["status"] = s.status()
+            seen["log"] = (s.state.parent / "server.log").read_text()
+
         sampler = threading.Thread(target=sample_threads, daemon=True)
         sampler.start()
-        stats = asyncio.run(load(f"127.0.0.1:{s.port}", workers, seconds, hold=0.5, on_all_joined=on_all_joined))
+        stats = asyncio.run(load(f"127.0.0.1:{s.port}", workers, seconds, hold=0.5, on_all_joined=on_all_joined,
+                                 on_deadline=on_deadline))
         done.set()
-        st = s.status()
-        log = (s.state.parent / "server.log").read_text()
+        st, log = seen["status"], seen["log"]
     hb = sorted(stats.heartbeat_ms)
     lag = sorted(stats.loop_lag_ms)
     return {
         "workers": workers, "label": label or "default", "joined": stats.joined, "rejoins": stats.rejoins,
         "tasks": stats.tasks, "accepted": stats.accepted, "rounds": st["round"],
-        "connected_at_end": st["clients"]["connected"],
+        "connected_at_deadline": st["clients"]["connected"],
         "heartbeats": len(hb), "heartbeat_failures": stats.heartbeat_failures,
         "heartbeat_p50_ms": hb[len(hb) // 2] if hb else None,
         "heartbeat_p99_ms": hb[int(len(hb) * 0.99)] if hb else None,
@@ -295,12 +306,23 @@ def many_workers(workers: int, seconds: float, workdir: Path, env: dict[str, str
         "threads_idle": threads0, "threads_peak": peak["threads"],
         "rss_idle_mib": rss0, "rss_joined_mib": samples.get("rss_joined"), "rss_peak_mib": peak["rss"],
         "kib_per_worker": 1024 * (peak["rss"] - rss0) / workers,
+        "kib_per_worker_joined": (1024 * (samples["rss_joined"] - rss0) / workers) if "rss_joined" in samples
+        else None,
         "load_loop_lag_p99_ms": lag[int(len(lag) * 0.99)] if lag else None,
     }
 
 
 def load_average() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def median_row(tries: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the median CPU per task, with the spread of all runs (a shared machine is noisy)."""
+    ordered = sorted(tries, key=lambda r: r["cpu_ms_per_task"])
+    row = dict(ordered[len(ordered) // 2])
+    row["cpu_ms_per_task_range"] = (ordered[0]["cpu_ms_per_task"], ordered[-1]["cpu_ms_per_task"])
+    row["repeats"] = len(tries)
+    return row
 
 
 def fit(rows: list[dict[str, Any]]) -> tuple[float, float]:
@@ -324,33 +346,45 @@ def render(per: list[dict[str, Any]], many: list[dict[str, Any]], env: dict[str,
              "server's own work on the quickstart model (MLP, 4,810 parameters, 19 KiB): dispatch, receive, "
              "checks, FedAvg, evaluation and checkpoint, as the server process's CPU time.", ""]
     if per:
-        ok = slope <= TASK_GOAL_MS and all(r["cpu_ms_per_task"] <= TASK_GOAL_MS for r in per if r["clients"] >= 100)
-        lines += ["| clients per round | rounds | tasks | server CPU per task | server CPU per round | "
-                  "round wall time (median) |", "| ---: | ---: | ---: | ---: | ---: | ---: |"]
+        largest = max(per, key=lambda r: r["clients"])  # where the once-per-run costs are spread thinnest
+        ok = slope <= TASK_GOAL_MS and largest["cpu_ms_per_task"] <= TASK_GOAL_MS
+        lines += ["| clients per round | rounds | tasks | server CPU per task (median run) | range over runs | "
+                  "server CPU per round | round wall time (median) |",
+                  "| ---: | ---: | ---: | ---: | --- | ---: | ---: |"]
         for r in per:
+            lo, hi = r["cpu_ms_per_task_range"]
             lines.append(f"| {r['clients']:,} | {r['rounds']} | {r['tasks']:,} | {r['cpu_ms_per_task']:.2f} ms | "
+                         f"{lo:.2f}-{hi:.2f} ms ({r['repeats']} runs) | "
                          f"{1000 * r['server_cpu_s'] / r['rounds']:.0f} ms | {r['round_s'] * 1000:.0f} ms |")
-        lines += ["", f"Fit: server CPU per round = {fixed:.1f} ms + {slope:.3f} ms x clients "
-                  f"(goal: linear, <= {TASK_GOAL_MS:g} ms per task: **{'met' if ok else 'not met'}**). "
+        lines += ["", "CPU per round holds, spread over the rounds, what the server does once after it listens "
+                  "(the first evaluation's torch warm-up, the final model file): at 10 clients that is most of it. "
+                  "The slope is the cost of one more client per round.", "",
+                  f"Fit: server CPU per round = {fixed:.1f} ms + {slope:.3f} ms x clients "
+                  f"(goal: linear, <= {TASK_GOAL_MS:g} ms per task, judged on the slope and on the "
+                  f"{largest['clients']:,}-client runs' median: **{'met' if ok else 'not met'}**). "
                   f"Load generator: {per[0]['load_workers']} concurrent workers.", ""]
     if many:
         lines += ["| server | workers | joined | tasks done | rounds | heartbeat p50 / p99 / max | "
-                  "dropped by the server | threads idle / peak | RSS idle / peak | per worker | "
-                  "load generator lag p99 |",
-                  "| --- | ---: | ---: | ---: | ---: | --- | ---: | --- | --- | ---: | ---: |"]
+                  "dropped by the server | connected at the end | threads idle / peak | RSS idle / all joined / peak | "
+                  "per worker joined / peak | load generator lag p99 |",
+                  "| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | --- | --- | --- | ---: |"]
         for m in many:
             lag_ms = f"{m['load_loop_lag_p99_ms']:.0f} ms" if m["load_loop_lag_p99_ms"] is not None else "-"
+            joined = f"{m['rss_joined_mib']:.0f}" if m["rss_joined_mib"] is not None else "-"
+            kib_joined = f"{m['kib_per_worker_joined']:.0f}" if m["kib_per_worker_joined"] is not None else "-"
             lines.append(
                 f"| {m['label']} | {m['workers']} | {m['joined']} | {m['accepted']:,} | {m['rounds']} | "
                 f"{m['heartbeat_p50_ms']:.0f} / {m['heartbeat_p99_ms']:.0f} / {m['heartbeat_max_ms']:.0f} ms | "
-                f"{m['dropped_by_server']} | {m['threads_idle']} / {m['threads_peak']} | "
-                f"{m['rss_idle_mib']:.0f} / {m['rss_peak_mib']:.0f} MiB | {m['kib_per_worker']:.0f} KiB | "
-                f"{lag_ms} |")
+                f"{m['dropped_by_server']} | {m['connected_at_deadline']} | "
+                f"{m['threads_idle']} / {m['threads_peak']} | "
+                f"{m['rss_idle_mib']:.0f} / {joined} / {m['rss_peak_mib']:.0f} MiB | "
+                f"{kib_joined} / {m['kib_per_worker']:.0f} KiB | {lag_ms} |")
         lines += ["", "Each worker heartbeats every second and long-polls GetTask (5 s); the server drops a "
                   "worker after 5 s without a sign of life. Joined counts rejoins after a drop. Its \"training\" "
-                  "holds a task for 0.5 s. Per worker: the server's peak RSS over its idle RSS, divided by the "
-                  "workers (a thread, its stack pages and the connection). The load generator's lag is how late its "
-                  "own event loop wakes, a part of every latency it measures.", ""]
+                  "holds a task for 0.5 s. Counts are taken just before the load ends. Per worker: the server's RSS "
+                  "over its idle RSS, divided by the workers, one second after all joined (a thread, its stack pages, "
+                  "the connection) and at its peak (with every worker's update in flight). The load generator's "
+                  "lag is how late its own event loop wakes, a part of every latency it measures.", ""]
     lines.append(SECTION_END)
     return "\n".join(lines) + "\n"
 
@@ -360,6 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clients", type=int, nargs="*", default=[10, 100, 1000])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--load-workers", type=int, default=10, help="concurrent workers for the per-task part")
+    ap.add_argument("--repeats", type=int, default=3, help="runs per client count (the median run is reported)")
     ap.add_argument("--workers", type=int, nargs="*", default=[500], help="connected workers for the second part")
     ap.add_argument("--seconds", type=float, default=30.0, help="how long the many-worker load runs")
     ap.add_argument("--compare-threads", type=int, default=None,
@@ -372,9 +407,12 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="federator-scale-") as tmp:
         per = []
         for n in args.clients:
-            row = per_task(n, args.rounds, min(args.load_workers, n), Path(tmp))
-            print(json.dumps(row), flush=True)
-            per.append(row)
+            tries = []
+            for k in range(args.repeats):
+                row = per_task(n, args.rounds, min(args.load_workers, n), Path(tmp) / f"try-{k}")
+                print(json.dumps(row), flush=True)
+                tries.append(row)
+            per.append(median_row(tries))
         many = []
         for w in args.workers:
             if args.compare_threads is not None:
