@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ import numpy as np
 from federator.api.models import Federation
 from federator.runtime.checkpoint import load_checkpoint
 from federator.runtime.client import Worker
-from federator.runtime.data import prepare_data
+from federator.runtime.data import ArrayDataset, prepare_data
 from federator.runtime.normalization import (
     combine_stats,
     feature_stats,
@@ -100,3 +101,45 @@ def test_a_silos_statistics_join_the_pooled_ones(tmp_path: Path) -> None:
     assert not np.allclose(server.normalizer.shift, feature_stats(data.train.x).sum / len(data.train), rtol=1e-3)
     # central evaluation uses the same normalisation
     np.testing.assert_array_equal(server.eval_data.x, (data.test.x - want.shift) / want.scale)
+
+
+def test_a_silo_worker_sends_its_statistics_and_trains_normalised(tmp_path: Path) -> None:
+    doc = _table_manifest(tmp_path / "table.npz", rounds=3)
+    doc["spec"]["clients"].update({"count": 3, "perRound": 3, "minPerRound": 3})  # 3 of the 4 (with the silo)
+    all_x, all_y = raw_scale_table(samples=720)  # the same table: the federation gets 600 rows, the silo 120
+    np.savez(tmp_path / "table.npz", x=all_x[:600], y=all_y[:600])
+    fed = Federation.model_validate(doc)
+    x, y = all_x[600:], all_y[600:]
+    silo_data = ArrayDataset(x, y, 2)
+    server = FederationServer(fed, tmp_path / "state", ["t", "silo:hospital=s"]).start()
+    address = f"127.0.0.1:{server.port}"
+    silo = Worker(fed, address, "s", name="hospital", silo="hospital", silo_data=silo_data)
+    sim = Worker(fed, address, "t", name="sim")
+    threads = [threading.Thread(target=silo.run, daemon=True)]
+    threads[0].start()
+    try:
+        deadline = time.monotonic() + 60  # the silo joins first, so its statistics are in before round 1
+        while "hospital" not in server.silo_features and time.monotonic() < deadline:
+            time.sleep(0.05)
+        threads.append(threading.Thread(target=sim.run, daemon=True))
+        threads[1].start()
+        server.run()
+        for t in threads:
+            t.join(30)
+    finally:
+        silo.close()
+        sim.close()
+        server.stop()
+    assert server.phase == "Succeeded"
+    assert server.silo_stats["hospital"]["roundsParticipated"] >= 1  # the seeded sampling picks it
+    sent = server.silo_features["hospital"]
+    np.testing.assert_array_equal(sent.sum, feature_stats(x).sum)  # statistics, not rows, crossed the wire
+    data = prepare_data(fed.spec)
+    want = normalizer_from_stats("standard", combine_stats([feature_stats(data.train.x), feature_stats(x)]))
+    assert want is not None and server.normalizer is not None
+    np.testing.assert_allclose(server.normalizer.shift, want.shift, rtol=1e-6)
+    # the silo trained on its data normalised with the federation's shift and scale
+    assert silo._normalized is not None and silo._normalized[0].same_as(server.normalizer)
+    np.testing.assert_array_equal(silo._normalized[1].x, (x - server.normalizer.shift) / server.normalizer.scale)
+    accs = [r["accuracy"] for r in server.history]
+    assert accs[-1] > server._majority + 0.1, accs  # learning, well off the majority-class rate
