@@ -94,6 +94,7 @@ class WorkerInfo:
     silo_samples: int
     last_seen: float
     task_id: str | None = None
+    long_polls: int = 0  # GetTask calls of this worker parked in next_task
 
 
 @dataclass
@@ -500,7 +501,9 @@ class FederationServer:
             return
         self._next_reap = now + REAP_EVERY
         for wid, w in list(self.workers.items()):
-            if now - w.last_seen > self.dead_after:
+            # a worker parked in GetTask holds no task (asking gave it up) and returns within 10 s: its
+            # heartbeats, late when the server is busy, need not keep it alive meanwhile
+            if now - w.last_seen > self.dead_after and w.long_polls == 0:
                 log.warning("worker %s (%s) stopped responding; requeueing its task", w.name, wid)
                 self._drop_worker(wid)
 
@@ -570,10 +573,12 @@ class FederationServer:
                 if remaining <= 0:
                     return "none"
                 self.long_polls += 1  # GetTask calls parked here, each holding one gRPC thread
+                w.long_polls += 1
                 try:
                     self._task_ready.wait(remaining)
                 finally:
                     self.long_polls -= 1
+                    w.long_polls -= 1
 
     def _take_task(self, w: WorkerInfo) -> Task | None:
         if self.current is None or self.current.closed:

@@ -42,3 +42,32 @@ def test_heartbeats_are_answered_while_250_long_polls_hold_their_threads(tmp_pat
             c.cancel()
         channel.close()
         server.stop(grace=0)
+
+
+def test_a_worker_parked_in_get_task_is_not_reaped_for_missing_heartbeats(tmp_path: Path) -> None:
+    server = FederationServer(Federation.model_validate(manifest()), tmp_path, ["t"]).start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    stub = pb_grpc.FederatorStub(channel)
+    call = None
+    try:
+        polling = stub.Join(pb.JoinRequest(token="t", worker_name="polling"), timeout=60).worker_id
+        silent = stub.Join(pb.JoinRequest(token="t", worker_name="silent"), timeout=60).worker_id
+        call = stub.GetTask(pb.TaskRequest(token="t", worker_id=polling, wait_seconds=10.0), timeout=60)
+        deadline = time.monotonic() + 60
+        while server.long_polls < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert server.long_polls == 1
+        with server._cond:  # neither has been heard of for longer than the server allows
+            for w in server.workers.values():
+                w.last_seen = time.monotonic() - server.dead_after - 1.0
+            server._next_reap = 0.0
+            server._reap_dead_workers()
+            known = set(server.workers)
+            parked = server.long_polls
+        assert parked == 1
+        assert polling in known and silent not in known
+    finally:
+        if call is not None:
+            call.cancel()
+        channel.close()
+        server.stop(grace=0)
