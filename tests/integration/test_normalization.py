@@ -71,6 +71,11 @@ def test_raw_scale_table_learns_with_the_default_and_is_flagged_without_it(tmp_p
     assert want is not None
     np.testing.assert_allclose(state["normalization"]["shift"].numpy(), want.shift, rtol=1e-6)
     np.testing.assert_allclose(state["normalization"]["scale"].numpy(), want.scale, rtol=1e-6)
+    resumed = FederationServer(Federation.model_validate(doc), tmp_path / "default" / "state", ["t"]).start()
+    resumed.stop(grace=0)
+    assert resumed.resumed and resumed._normalization_fixed  # a restarted server keeps it, never recomputes
+    assert resumed.normalizer is not None and resumed.normalizer.same_as(server.normalizer)
+    np.testing.assert_array_equal(resumed.eval_data.x, server.eval_data.x)
 
     raw = _table_manifest(tmp_path / "table.npz", rounds=3, normalize="none")
     stuck = _run(tmp_path / "none", raw)
