@@ -221,8 +221,12 @@ class FederationServer:
         self.history = [dict(h) for h in state["history"]]
         self.completed = int(state["completed_round"])
         self.run_id = str(state["run_id"])
-        if "normalization" in state:
-            self._set_normalizer(Normalizer.from_state(state["normalization"]) if state["normalization"] else None)
+        if state.get("normalization"):
+            self._set_normalizer(Normalizer.from_state(state["normalization"]))
+        else:  # trained without normalisation (or before data.normalize existed): keep it that way
+            if "normalization" not in state and self.normalize_mode != "none":
+                log.warning("checkpoint predates data.normalize: resuming without normalisation")
+            self._set_normalizer(None)
         self.resumed = True
         log.info("resumed from checkpoint: %d of %d rounds completed", self.completed, self.spec.rounds)
 

@@ -11,7 +11,7 @@ import grpc
 import numpy as np
 
 from federator.api.models import Federation
-from federator.runtime.checkpoint import load_checkpoint
+from federator.runtime.checkpoint import load_checkpoint, save_checkpoint
 from federator.runtime.client import Worker
 from federator.runtime.data import ArrayDataset, prepare_data
 from federator.runtime.normalization import (
@@ -76,6 +76,11 @@ def test_raw_scale_table_learns_with_the_default_and_is_flagged_without_it(tmp_p
     assert resumed.resumed and resumed._normalization_fixed  # a restarted server keeps it, never recomputes
     assert resumed.normalizer is not None and resumed.normalizer.same_as(server.normalizer)
     np.testing.assert_array_equal(resumed.eval_data.x, server.eval_data.x)
+    del state["normalization"]  # a checkpoint from before data.normalize: its model saw raw features
+    save_checkpoint(tmp_path / "default" / "state" / CHECKPOINT_FILE, state)
+    old = FederationServer(Federation.model_validate(doc), tmp_path / "default" / "state", ["t"]).start()
+    old.stop(grace=0)
+    assert old._normalization_fixed and old.normalizer is None and old.eval_data is old.data.test
 
     raw = _table_manifest(tmp_path / "table.npz", rounds=3, normalize="none")
     stuck = _run(tmp_path / "none", raw)
