@@ -5,6 +5,7 @@
 #   benchmarks/run.sh transfer             # only model transfer (benchmarks/transfer.py)
 #   benchmarks/run.sh operator --count 100 # only the operator reconciling Federations against kmock
 #   benchmarks/run.sh robust               # only robust-aggregation throughput against byzfl
+#   benchmarks/run.sh scale                # only server cost per task (1,000 clients) and 500 workers
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -48,6 +49,7 @@ case "${1:-}" in
   transfer) exec "$VENV/bin/python" benchmarks/transfer.py "${@:2}" ;;
   operator) exec "$VENV/bin/python" benchmarks/operator_reconcile.py "${@:2}" ;;
   robust) byzfl_venv; exec "$VENV/bin/python" benchmarks/robust_throughput.py --byzfl-python "$BYZFL_VENV/bin/python" "${@:2}" ;;
+  scale) exec "$VENV/bin/python" benchmarks/scale.py "${@:2}" ;;
 esac
 "$VENV/bin/python" benchmarks/bench_flower.py --federator "$VENV/bin/federator" --bench-venv "$BENCH_VENV" "$@"
 if [[ $# -eq 0 ]]; then
@@ -55,4 +57,5 @@ if [[ $# -eq 0 ]]; then
   "$VENV/bin/python" benchmarks/operator_reconcile.py
   byzfl_venv
   "$VENV/bin/python" benchmarks/robust_throughput.py --byzfl-python "$BYZFL_VENV/bin/python"
+  "$VENV/bin/python" benchmarks/scale.py
 fi
