@@ -4,6 +4,7 @@
 #   benchmarks/run.sh --only quickstart    # arguments go to benchmarks/bench_flower.py (see --help)
 #   benchmarks/run.sh transfer             # only model transfer (benchmarks/transfer.py)
 #   benchmarks/run.sh operator --count 100 # only the operator reconciling Federations against kmock
+#   benchmarks/run.sh attack               # only accuracy under attack (benchmarks/attack_accuracy.py)
 #   benchmarks/run.sh robust               # only robust-aggregation throughput against byzfl
 #   benchmarks/run.sh scale                # only server cost per task (1,000 clients) and 500 workers
 set -euo pipefail
@@ -48,6 +49,7 @@ byzfl_venv() {
 case "${1:-}" in
   transfer) exec "$VENV/bin/python" benchmarks/transfer.py "${@:2}" ;;
   operator) exec "$VENV/bin/python" benchmarks/operator_reconcile.py "${@:2}" ;;
+  attack) exec "$VENV/bin/python" benchmarks/attack_accuracy.py "${@:2}" ;;
   robust) byzfl_venv; exec "$VENV/bin/python" benchmarks/robust_throughput.py --byzfl-python "$BYZFL_VENV/bin/python" "${@:2}" ;;
   scale) exec "$VENV/bin/python" benchmarks/scale.py "${@:2}" ;;
 esac
@@ -55,6 +57,7 @@ esac
 if [[ $# -eq 0 ]]; then
   "$VENV/bin/python" benchmarks/transfer.py
   "$VENV/bin/python" benchmarks/operator_reconcile.py
+  "$VENV/bin/python" benchmarks/attack_accuracy.py
   byzfl_venv
   "$VENV/bin/python" benchmarks/robust_throughput.py --byzfl-python "$BYZFL_VENV/bin/python"
   "$VENV/bin/python" benchmarks/scale.py

@@ -224,9 +224,10 @@ def write_results(run: LocalRun) -> dict[str, Any]:
     (run.out / "metrics.json").write_text(json.dumps(doc, indent=2))
     if (run.state_dir / "model.pt").exists():
         shutil.copyfile(run.state_dir / "model.pt", run.out / "model.pt")
-    from federator.plots import plot_curves
+    from federator.plots import plot_anomaly_scores, plot_curves
 
     plot_curves(rounds, run.out, title=run.fed.metadata.name)
+    plot_anomaly_scores(rounds, run.out, title=run.fed.metadata.name)
     return doc
 
 
@@ -259,12 +260,16 @@ def run_local(manifest: Path, out: Path, workers: int | None = None, resume: boo
     out.mkdir(parents=True, exist_ok=True)
     if not resume:
         shutil.rmtree(out / STATE, ignore_errors=True)
-        for name in ("metrics.json", "accuracy.png", "loss.png", "model.pt", "server.log"):
+        for name in ("metrics.json", "accuracy.png", "loss.png", "anomaly.png", "model.pt", "server.log"):
             (out / name).unlink(missing_ok=True)
         for old in out.glob("worker-*.log"):
             old.unlink()
     (out / STATE).mkdir(exist_ok=True)
     run = LocalRun(manifest=manifest, fed=fed, out=out, workers=workers or fed.spec.clients.workers)
+    if fed.spec.byzantine.attack is not None:  # experiments only: say loudly who misbehaves
+        from federator.runtime.aggregation.attacks import attack_banner
+
+        print(attack_banner(fed.spec), file=sys.stderr)
     run.launched_at = time.time()
     interrupted = False
     previous = _interrupt_on_signals()

@@ -31,3 +31,34 @@ def plot_curves(rounds: Sequence[dict[str, Any]], out: Path, title: str) -> list
         plt.close(fig)
         written.append(path)
     return written
+
+
+def plot_anomaly_scores(rounds: Sequence[dict[str, Any]], out: Path, title: str, max_clients: int = 20) -> Path | None:
+    """anomaly.png: each client's detection score per round (flagged rounds marked with x) and the threshold;
+    None when the run had no detection. The most often flagged clients are drawn first, at most `max_clients`."""
+    scored = [r for r in rounds if r.get("byzantine")]
+    if not scored:
+        return None
+    series: dict[str, list[tuple[int, float, bool]]] = {}
+    for r in scored:
+        for s in r["byzantine"]["scores"]:
+            series.setdefault(s["client"], []).append((r["round"], s["score"], s["flagged"]))
+    order = sorted(series, key=lambda c: (-sum(f for _, _, f in series[c]), c))[:max_clients]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    for c in order:
+        pts = series[c]
+        line = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", lw=1, label=c)[0]
+        bad = [p for p in pts if p[2]]
+        if bad:
+            ax.scatter([p[0] for p in bad], [p[1] for p in bad], marker="x", s=50, color=line.get_color())
+    ax.axhline(scored[-1]["byzantine"]["threshold"], color="black", ls="--", lw=1, label="threshold")
+    ax.set_xlabel("round")
+    ax.set_ylabel(f"anomaly score ({scored[-1]['byzantine']['method']})")
+    ax.set_title(f"{title}: anomaly scores (x = flagged, left out)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    path = out / "anomaly.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -22,13 +22,16 @@ from pydantic import BaseModel
 from federator.api.models import (
     GROUP,
     VERSION,
+    AttackSpec,
     AutoscalingSpec,
+    ByzantineSpec,
     ClientsSpec,
     DataSpec,
     FederatedClientSpec,
     FederatedClientStatus,
     FederationSpec,
     FederationStatus,
+    ReputationSpec,
     ServerSpec,
     VolumeSource,
 )
@@ -81,6 +84,29 @@ CEL_RULES: dict[type[BaseModel], list[dict[str, str]]] = {
         {
             "rule": "has(self.persistentVolumeClaim) != has(self.hostPath)",
             "message": "set exactly one of persistentVolumeClaim or hostPath",
+        },
+    ],
+    ReputationSpec: [
+        {"rule": "self.k <= self.window", "message": "k must be <= window", "fieldPath": ".k"},
+    ],
+    ByzantineSpec: [
+        {"rule": "!has(self.reputation) || has(self.detection)",
+         "message": "reputation counts detection flags: set byzantine.detection too", "fieldPath": ".reputation"},
+    ],
+    AttackSpec: [
+        {"rule": "has(self.count) != has(self.fraction)", "message": "set exactly one of count or fraction"},
+    ],
+    # the part of the tolerance check CEL expresses simply: fedavg tolerates no Byzantine client. The rest
+    # (each robust rule's limit) is checked by the model, so `federator validate` and the operator.
+    FederationSpec: [
+        {
+            "rule": "!has(self.byzantine) || !has(self.byzantine.expectedFraction) || "
+                    "self.byzantine.expectedFraction == 0.0 || "
+                    "(has(self.aggregation) && has(self.aggregation.rule) && self.aggregation.rule != 'fedavg')",
+            "message": "aggregation.rule fedavg tolerates no Byzantine client: with byzantine.expectedFraction > 0 "
+                       "use a robust rule (median, trimmed_mean, krum, multi_krum, geometric_median, "
+                       "centered_clipping)",
+            "fieldPath": ".byzantine.expectedFraction",
         },
     ],
 }

@@ -11,6 +11,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from federator.api.tolerance import tolerance_problem
+
 GROUP = "federator.dev"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
@@ -231,14 +233,144 @@ class ServerOptimizerSpec(Strict):
     tau: Annotated[float, Field(gt=0.0, le=1.0, description="Adaptivity (epsilon) of adam, yogi, adagrad.")] = 1e-3
 
 
+RuleName = Literal["fedavg", "median", "trimmed_mean", "krum", "multi_krum", "geometric_median",
+                   "centered_clipping"]
+
+
+class NormClipSpec(Strict):
+    """Pre-step: scale each update (its difference to the global model) down to at most `maxNorm`."""
+
+    maxNorm: Annotated[float, Field(gt=0.0, le=1e9, description="Largest L2 norm an update keeps.")]
+
+
+class BucketingSpec(Strict):
+    """Pre-step (Karimireddy et al. 2022): average random buckets of `size` updates before the rule."""
+
+    size: Annotated[int, Field(ge=1, le=1000, description="Updates per bucket (s); 1 leaves them as they are.")]
+
+
 class AggregationSpec(Strict):
     """How client updates become the next global model."""
 
     rule: Annotated[
-        Literal["fedavg"],
-        Field(description="Aggregation rule. fedavg weights updates by sample count."),
+        RuleName,
+        Field(description="Aggregation rule. fedavg weights updates by sample count and streams (O(model) memory); "
+                          "the others are robust to Byzantine clients and buffer every update of a round."),
     ] = "fedavg"
+    trimFraction: Annotated[
+        float, Field(ge=0.0, lt=0.5, description="trimmed_mean: share cut from each end per coordinate.")
+    ] = 0.2
+    f: Annotated[
+        int | None,
+        Field(ge=0, le=100_000, description="krum, multi_krum: Byzantine updates assumed per round "
+                                            "(default: byzantine.expectedFraction of the round, rounded up)."),
+    ] = None
+    m: Annotated[
+        int | None, Field(ge=1, le=100_000, description="multi_krum: best-scored updates averaged (default n - f).")
+    ] = None
+    tolerance: Annotated[
+        float, Field(gt=0.0, le=1.0, description="geometric_median: Weiszfeld stops below this relative change.")
+    ] = 1e-6
+    maxIterations: Annotated[int, Field(ge=1, le=10_000, description="geometric_median: iteration cap.")] = 100
+    tau: Annotated[float, Field(gt=0.0, le=1e9, description="centered_clipping: clipping radius.")] = 1.0
+    iterations: Annotated[int, Field(ge=1, le=100, description="centered_clipping: clipping passes per round.")] = 1
+    normClip: Annotated[NormClipSpec | None, Field(description="Pre-step before any rule.")] = None
+    bucketing: Annotated[BucketingSpec | None, Field(description="Pre-step before a robust rule.")] = None
+    maxBufferBytes: Annotated[
+        int,
+        Field(ge=1, le=2**44, description="Largest round buffer (updates x parameters x 4 bytes) a buffered "
+                                          "rule, detection or an attack simulation may hold."),
+    ] = 4 * 1024**3
     serverOptimizer: ServerOptimizerSpec = ServerOptimizerSpec()
+
+
+# ----------------------------------------------------------------------------------------- byzantine
+
+
+class DetectionSpec(Strict):
+    """Score every update each round; updates scoring above `threshold` are left out of that round."""
+
+    method: Annotated[
+        Literal["norm", "cosine", "krum"],
+        Field(description="norm: robust z-score of the update's norm (median, MAD); cosine: cosine distance to "
+                          "the robust aggregate; krum: Krum score relative to the median score."),
+    ] = "norm"
+    threshold: Annotated[
+        float | None,
+        Field(gt=0.0, le=1e9, description="Score above which an update is flagged (default: norm 3.5, "
+                                          "cosine 0.5, krum 3)."),
+    ] = None
+
+    @property
+    def effective_threshold(self) -> float:
+        if self.threshold is not None:
+            return self.threshold
+        return {"norm": 3.5, "cosine": 0.5, "krum": 3.0}[self.method]
+
+
+class ReputationSpec(Strict):
+    """A client flagged in `k` of its last `window` rounds is quarantined (not sampled) for `quarantineRounds`."""
+
+    decay: Annotated[float, Field(ge=0.0, le=1.0, description="Weight of the past in the decayed score.")] = 0.9
+    k: Annotated[int, Field(ge=1, le=1000, description="Flags within the window that quarantine a client.")] = 2
+    window: Annotated[int, Field(ge=1, le=1000, description="Rounds of a client's history looked at (w).")] = 5
+    quarantineRounds: Annotated[int, Field(ge=0, le=100_000, description="Rounds a quarantine lasts (q).")] = 5
+
+    @model_validator(mode="after")
+    def _k_within_window(self) -> ReputationSpec:
+        if self.k > self.window:
+            raise ValueError(f"k ({self.k}) must be <= window ({self.window}): a client can be flagged at most "
+                             "once per round")
+        return self
+
+
+AttackType = Literal["sign_flip", "scaled", "gaussian", "label_flip", "alie", "ipm", "replay"]
+
+
+class AttackSpec(Strict):
+    """Experiments only: chosen simulated clients misbehave. Never set this in production."""
+
+    type: Annotated[AttackType, Field(description="What the attackers do.")]
+    count: Annotated[int | None, Field(ge=0, le=100_000, description="Attacking simulated clients.")] = None
+    fraction: Annotated[
+        float | None, Field(ge=0.0, le=1.0, description="Share of simulated clients attacking (rounded down).")
+    ] = None
+    seed: Annotated[int, Field(ge=0, le=2**31 - 1, description="Chooses the attackers.")] = 0
+    parameters: Annotated[
+        dict[str, float],
+        Field(description="scale (sign_flip, default 1), factor (scaled, default 10), std (gaussian, default 1), "
+                          "epsilon (ipm, default 0.5), z (alie, default: Baruch et al.'s z_max for n and f)."),
+    ] = {}
+
+    @model_validator(mode="after")
+    def _count_or_fraction(self) -> AttackSpec:
+        if (self.count is None) == (self.fraction is None):
+            raise ValueError("set exactly one of count or fraction: how many simulated clients attack")
+        allowed = {"sign_flip": {"scale"}, "scaled": {"factor"}, "gaussian": {"std"}, "alie": {"z"},
+                   "ipm": {"epsilon"}, "label_flip": set(), "replay": set()}[self.type]
+        unknown = sorted(set(self.parameters) - allowed)
+        if unknown:
+            raise ValueError(f"parameters {unknown} do not apply to attack {self.type!r}; "
+                             f"it takes {sorted(allowed) or 'none'}")
+        return self
+
+
+class ByzantineSpec(Strict):
+    """Byzantine robustness: how many clients may misbehave, how to spot them, and (experiments) an attack."""
+
+    expectedFraction: Annotated[
+        float, Field(ge=0.0, lt=1.0, description="Share of a round's updates that may be Byzantine; checked "
+                                                 "against what aggregation.rule tolerates.")
+    ] = 0.0
+    detection: DetectionSpec | None = None
+    reputation: ReputationSpec | None = None
+    attack: AttackSpec | None = None
+
+    @model_validator(mode="after")
+    def _reputation_needs_detection(self) -> ByzantineSpec:
+        if self.reputation is not None and self.detection is None:
+            raise ValueError("reputation counts detection flags: set byzantine.detection too (e.g. method: norm)")
+        return self
 
 
 # -------------------------------------------------------------------------------------------- server
@@ -272,6 +404,10 @@ class ServerSpec(Strict):
 class MonitoringSpec(Strict):
     serviceMonitor: Annotated[bool, Field(description="Create a ServiceMonitor when its CRD exists.")] = True
     scrapeInterval: Annotated[str, Field(pattern=r"^[0-9]+(ms|s|m|h)$")] = "15s"
+    maxClientSeries: Annotated[
+        int, Field(ge=0, le=10_000, description="Simulated clients that get their own per-client metric series "
+                                                "(federator_client_anomaly_score); silos always do.")
+    ] = 100
 
 
 # ---------------------------------------------------------------------------------------- federation
@@ -286,8 +422,16 @@ class FederationSpec(Strict):
     training: TrainingSpec = TrainingSpec()
     clients: ClientsSpec = ClientsSpec()
     aggregation: AggregationSpec = AggregationSpec()
+    byzantine: ByzantineSpec = ByzantineSpec()
     server: ServerSpec = ServerSpec()
     monitoring: MonitoringSpec = MonitoringSpec()
+
+    @model_validator(mode="after")
+    def _byzantine_within_tolerance(self) -> FederationSpec:
+        problem = tolerance_problem(self)
+        if problem:
+            raise ValueError(problem)
+        return self
 
 
 Phase = Literal["Pending", "Running", "Succeeded", "Failed"]
@@ -314,6 +458,21 @@ class ClientCounts(BaseModel):
     participants: int = 0
 
 
+class FlaggedClient(BaseModel):
+    """A client whose updates the server flagged as anomalous (byzantine.detection)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    client: str
+    reason: str  # the detection method that flagged it: norm, cosine or krum
+    rounds: int = 0  # rounds it was flagged in
+    lastRound: int | None = None
+    quarantined: bool = False
+
+
+MAX_FLAGGED_IN_STATUS = 20  # the Federation status lists at most this many (most often flagged first)
+
+
 class FederationStatus(BaseModel):
     """Observed state, written by the operator to the /status subresource."""
 
@@ -327,6 +486,9 @@ class FederationStatus(BaseModel):
     epsilon: float | None = None
     clients: ClientCounts = ClientCounts()
     byzantineFlagged: int = 0
+    flaggedClients: Annotated[
+        list[FlaggedClient], Field(max_length=MAX_FLAGGED_IN_STATUS, description="Most often flagged clients.")
+    ] = []
     compressionRatio: float | None = None
     observedGeneration: int | None = None
     conditions: list[Condition] = []

@@ -19,7 +19,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from federator.api.models import ClientCounts, Condition, FederatedClientStatus, FederationStatus
+from federator.api.models import (
+    MAX_FLAGGED_IN_STATUS,
+    ClientCounts,
+    Condition,
+    FederatedClientStatus,
+    FederationStatus,
+    FlaggedClient,
+)
 
 ConditionStatus = Literal["True", "False", "Unknown"]
 
@@ -40,6 +47,7 @@ WAITING_FOR_CREDENTIALS = "WaitingForCredentials"
 JOINED = "Joined"
 NOT_JOINED = "NotJoined"
 FLAGGED = "Flagged"
+QUARANTINED = "Quarantined"
 
 TERMINAL_PHASES = ("Succeeded", "Failed")
 
@@ -75,6 +83,7 @@ class ServerReport(_Lenient):
     epsilon: float | None = None
     clients: ClientsReport = ClientsReport()
     byzantineFlagged: int = 0
+    flaggedClients: list[FlaggedClient] = []
     compressionRatio: float | None = None
     pendingTasks: int = 0
     message: str = ""
@@ -253,6 +262,7 @@ def federation_observed(raw: Mapping[str, Any] | None, report: ServerReport, *, 
         "epsilon": report.epsilon,
         "clients": ClientCounts(ready=report.clients.connected, participants=report.clients.participants),
         "byzantineFlagged": report.byzantineFlagged,
+        "flaggedClients": report.flaggedClients[:MAX_FLAGGED_IN_STATUS],
         "compressionRatio": report.compressionRatio,
         "conditions": _apply(st.conditions, values, now=now, generation=gen),
     })
@@ -304,6 +314,12 @@ def federation_events(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> 
             events.append(Event("Warning", new_deg["reason"], new_deg.get("message") or new_deg["reason"]))
         elif new_deg["status"] == "False" and old_deg is not None and old_deg.get("status") == "True":
             events.append(Event("Normal", "Recovered", "the server answers again"))
+    was = {c.get("client") for c in old.get("flaggedClients") or () if c.get("quarantined")}
+    for c in new.get("flaggedClients") or ():
+        if c.get("quarantined") and c.get("client") not in was:
+            events.append(Event("Warning", QUARANTINED,
+                                f"client {c['client']} quarantined: its updates were flagged ({c.get('reason')}) in "
+                                f"{c.get('rounds')} rounds, last in round {c.get('lastRound')}"))
     return events
 
 

@@ -25,6 +25,7 @@ import grpc
 import torch
 
 from federator.api.models import Federation
+from federator.runtime.aggregation.attacks import local_data
 from federator.runtime.config import load_federation_config, read_tokens
 from federator.runtime.data import ArrayDataset, FederatedData, load_silo_data, prepare_data
 from federator.runtime.httpserver import StatusHTTPServer
@@ -239,7 +240,8 @@ class Worker:
         i = int(client_id.removeprefix("sim-"))
         if not 0 <= i < self._data.num_clients:
             raise IndexError(f"client {i} out of range: there are {self._data.num_clients} clients")
-        return base.subset(self._data.partitions[i])
+        # byzantine.attack (experiments only): a label-flip attacker trains on poisoned labels
+        return local_data(self.spec, client_id, base.subset(self._data.partitions[i]))
 
     def _build(self, joined: Joined) -> torch.nn.Module:
         if self._model is None:

@@ -28,6 +28,7 @@ class ServerMetrics:
     bytes_received: Counter
     compression_ratio: Gauge
     byzantine_flagged: Counter
+    anomaly_score: Gauge
     pending_tasks: Gauge
 
     @classmethod
@@ -57,14 +58,19 @@ class ServerMetrics:
             bytes_sent=counter("federator_bytes_sent", "Model bytes sent to clients"),
             bytes_received=counter("federator_bytes_received", "Update bytes received from clients"),
             compression_ratio=gauge("federator_compression_ratio", "Uncompressed / sent bytes of updates"),
-            byzantine_flagged=counter("federator_byzantine_flagged", "Updates flagged as Byzantine"),
+            byzantine_flagged=counter("federator_byzantine_flagged", "Updates flagged as Byzantine and left out",
+                                      ("reason",)),
+            anomaly_score=Gauge("federator_client_anomaly_score", "Last anomaly score of a client's update",
+                                (*LABELS, "client"), registry=reg),
             pending_tasks=gauge("federator_pending_tasks", "Training tasks queued and not yet assigned"),
         )
         # bind the constant labels once; children are what the server updates
         for metric in (m.round, m.accuracy, m.loss, m.clients_connected, m.compression_ratio, m.pending_tasks):
             metric.labels(**lv)
-        for c in (m.rounds_total, m.bytes_sent, m.bytes_received, m.byzantine_flagged):
+        for c in (m.rounds_total, m.bytes_sent, m.bytes_received):
             c.labels(**lv)
+        for reason in ("norm", "cosine", "krum"):
+            m.byzantine_flagged.labels(**lv, reason=reason)
         for outcome in ("accepted", "rejected", "late"):
             m.updates.labels(**lv, outcome=outcome)
         m.round_duration.labels(**lv)

@@ -29,8 +29,17 @@ import grpc
 import numpy as np
 import torch
 
-from federator.api.models import Federation
-from federator.runtime.aggregation import FedAvgAccumulator, ServerOptimizerState, server_update
+from federator.api.models import Federation, FederationSpec
+from federator.runtime.aggregation import (
+    AggregationPipeline,
+    AggregationState,
+    RoundAggregator,
+    RoundResult,
+    ServerOptimizerState,
+    server_update,
+)
+from federator.runtime.aggregation.attacks import describe as describe_attack
+from federator.runtime.byzantine import ReputationState, is_quarantined
 from federator.runtime.checkpoint import load_checkpoint, save_checkpoint
 from federator.runtime.config import load_federation_config, read_tokens
 from federator.runtime.data import DataError, prepare_data
@@ -103,10 +112,30 @@ class RoundState:
     attempt: int
     started: float
     tasks: dict[str, Task]
-    accumulator: FedAvgAccumulator
+    aggregator: RoundAggregator
     accepted: int = 0
     train_seconds: dict[str, float] = field(default_factory=dict)  # worker -> summed local training time
     closed: bool = False
+
+
+def sample_clients(spec: FederationSpec, rnd: int, attempt: int, silos: list[str],
+                   reputation: ReputationState) -> list[tuple[str, str | None]]:
+    """The (client, silo) pairs trained in a round: clients.perRound of the simulated clients and joined
+    silos, seeded by data.seed, round and attempt. Quarantined clients are left out unless the round could
+    not reach minPerRound without them."""
+    pool: list[tuple[str, str | None]] = [(f"sim-{i}", None) for i in range(spec.clients.count)]
+    pool += [(s, s) for s in silos]
+    pool = list(dict.fromkeys(pool))
+    free = [c for c in pool if not is_quarantined(reputation, c[0], rnd)]
+    if len(free) >= spec.clients.min_per_round:
+        pool = free
+    elif len(free) < len(pool):
+        log.warning("round %d: only %d clients are not quarantined (minPerRound=%d); sampling all",
+                    rnd, len(free), spec.clients.min_per_round)
+    k = min(spec.clients.per_round, len(pool))
+    rng = np.random.default_rng([spec.data.seed, rnd, attempt])
+    picked = rng.choice(len(pool), size=k, replace=False)
+    return [pool[i] for i in sorted(picked)]
 
 
 def model_version(run_id: str, completed_round: int) -> int:
@@ -142,7 +171,9 @@ class FederationServer:
         self.params: Params = get_params(self.model)
         self.layout = Layout.of(self.params)
         self.opt_state = ServerOptimizerState()
-        self.accumulator = FedAvgAccumulator()  # reused by every round (see FedAvgAccumulator.reset)
+        # stages, rule and scoring; keeps its buffers from round to round, its state lives in agg_state
+        self.pipeline = AggregationPipeline(self.spec, self.params)
+        self.agg_state = AggregationState()
         self.history: list[dict[str, Any]] = []
         self.completed = 0
         self.resumed = False  # True when this process continued a run from its checkpoint
@@ -181,6 +212,7 @@ class FederationServer:
             "round", "rounds_total", "round_duration", "accuracy", "loss", "clients_connected",
             "bytes_sent", "bytes_received", "pending_tasks")}
         self._lv = lv
+        self._series: set[str] = set()  # simulated clients with their own anomaly-score series
         self._m["round"].set(self.completed)
         if self.history:
             self._m["accuracy"].set(self.history[-1]["accuracy"])
@@ -218,6 +250,7 @@ class FederationServer:
         self.params = {k: v.clone() for k, v in state["params"].items()}
         self.opt_state = ServerOptimizerState(step=int(state["optimizer"]["step"]),
                                               m=dict(state["optimizer"]["m"]), v=dict(state["optimizer"]["v"]))
+        self.agg_state = AggregationState.from_dict(state.get("aggregation") or {})
         self.history = [dict(h) for h in state["history"]]
         self.completed = int(state["completed_round"])
         self.run_id = str(state["run_id"])
@@ -235,6 +268,8 @@ class FederationServer:
         self._http.start()
         log.info("federation %s: gRPC on port %d, HTTP on port %d, model %s with %d parameters",
                  self.name, self.port, self.metrics_port, self.spec.model.name, count_parameters(self.model))
+        if self.pipeline.attackers:
+            log.warning("%s", describe_attack(self.spec, sorted(self.pipeline.attackers)))
         return self
 
     def stop(self, grace: float = 1.0) -> None:
@@ -302,13 +337,8 @@ class FederationServer:
         return False
 
     def _sample(self, rnd: int, attempt: int) -> list[tuple[str, str | None]]:
-        pool: list[tuple[str, str | None]] = [(f"sim-{i}", None) for i in range(self.spec.clients.count)]
-        pool += sorted((w.silo, w.silo) for w in self.workers.values() if w.silo)
-        pool = list(dict.fromkeys(pool))
-        k = min(self.spec.clients.per_round, len(pool))
-        rng = np.random.default_rng([self.spec.data.seed, rnd, attempt])
-        picked = rng.choice(len(pool), size=k, replace=False)
-        return [pool[i] for i in sorted(picked)]
+        silos = sorted({w.silo for w in self.workers.values() if w.silo})
+        return sample_clients(self.spec, rnd, attempt, silos, self.agg_state.reputation)
 
     def _run_round(self, rnd: int, attempt: int) -> int | None:
         """One attempt at a round. Returns None when it completed, else the number of updates it got."""
@@ -319,8 +349,10 @@ class FederationServer:
             for client_id, silo in sampled:
                 tid = f"r{rnd}a{attempt}-{client_id}"
                 tasks[tid] = Task(tid, rnd, client_id, silo, self.version)
-            self.accumulator.reset()  # under the lock: a late update of the last round cannot reach it
-            self.current = RoundState(rnd, attempt, time.time(), tasks, self.accumulator)
+            # under the lock: a late update of the last round cannot reach the new round's aggregator
+            self.current = RoundState(rnd, attempt, time.time(), tasks,
+                                      self.pipeline.begin_round(rnd, self.params, len(tasks),
+                                                                [t.client_id for t in tasks.values()]))
             self.queue.clear()
             self.queue.extend(tasks)
             self._m["pending_tasks"].set(len(self.queue))
@@ -349,13 +381,13 @@ class FederationServer:
         if accepted < self.spec.clients.min_per_round or accepted == 0:
             return accepted
 
-        aggregate = cur.accumulator.result()
-        self.params, self.opt_state = server_update(self.params, aggregate, self.spec.aggregation.serverOptimizer,
-                                                    self.opt_state)
+        outcome = cur.aggregator.finish(self.agg_state)
+        self.params, self.opt_state = server_update(self.params, outcome.aggregate,
+                                                    self.spec.aggregation.serverOptimizer, self.opt_state)
         set_params(self.model, self.params)
         loss, acc = evaluate(self.model, self.eval_data)
         ended = time.time()
-        record = {
+        record: dict[str, Any] = {
             "round": rnd,
             "accuracy": acc,
             "loss": loss,
@@ -368,9 +400,13 @@ class FederationServer:
             "bytes_sent": self.bytes_sent - sent0,
             "bytes_received": self.bytes_received - recv0,
         }
+        if self.spec.byzantine.detection is not None:
+            record["byzantine"] = self._byzantine_record(rnd, outcome)
         # checkpoint first: a round that /status reports as completed is always on disk
-        self._checkpoint(rnd, [*self.history, record])
+        self._checkpoint(rnd, [*self.history, record], outcome.state)
         with self._cond:
+            self.agg_state = outcome.state
+            self._note_flags(rnd, outcome)
             self.completed = rnd
             self.participants = accepted
             self.history.append(record)
@@ -423,7 +459,62 @@ class FederationServer:
         self._norm_pb = normalizer_to_proto(nz) if nz is not None else None
         self._normalization_fixed = True
 
-    def _checkpoint(self, completed: int, history: list[dict[str, Any]]) -> None:
+    def _byzantine_record(self, rnd: int, outcome: RoundResult) -> dict[str, Any]:
+        det = self.spec.byzantine.detection
+        assert det is not None
+        return {
+            "method": det.method,
+            "threshold": det.effective_threshold,
+            "scores": [s.as_dict() for s in outcome.scores],
+            "flagged": outcome.flagged,
+            "quarantined": outcome.newly_quarantined,
+            "used": outcome.used,
+        }
+
+    def _note_flags(self, rnd: int, outcome: RoundResult) -> None:
+        """Metrics and silo flags for a round's detection table (caller holds the lock)."""
+        det = self.spec.byzantine.detection
+        if det is None:
+            return
+        if outcome.flagged:
+            self.metrics.byzantine_flagged.labels(**self._lv, reason=det.method).inc(len(outcome.flagged))
+        for s in outcome.scores:
+            if self._client_series(s.client):
+                self.metrics.anomaly_score.labels(**self._lv, client=s.client).set(s.score)
+            if s.client in self.silo_stats:
+                self.silo_stats[s.client]["flagged"] = s.flagged or is_quarantined(
+                    self.agg_state.reputation, s.client, rnd + 1)
+        for c in outcome.newly_quarantined:
+            log.warning("client %s quarantined after round %d", c, rnd)
+
+    def _client_series(self, client: str) -> bool:
+        """Silos always get a per-client series; simulated clients only the first monitoring.maxClientSeries
+        (Prometheus labels must stay bounded)."""
+        if not client.startswith("sim-") or client in self._series:
+            return True
+        if len(self._series) >= self.spec.monitoring.maxClientSeries:
+            return False
+        self._series.add(client)
+        return True
+
+    def flagged_clients(self) -> list[dict[str, Any]]:
+        """Every client flagged so far: how often, when last, why, and whether it is quarantined now."""
+        table: dict[str, dict[str, Any]] = {}
+        for rec in self.history:
+            byz = rec.get("byzantine")
+            if not byz:
+                continue
+            for c in byz["flagged"]:
+                row = table.setdefault(c, {"client": c, "reason": byz["method"], "rounds": 0})
+                row["rounds"] += 1
+                row["lastRound"] = rec["round"]
+                row["reason"] = byz["method"]
+        nxt = self.completed + 1
+        for c, row in table.items():
+            row["quarantined"] = bool(is_quarantined(self.agg_state.reputation, c, nxt))
+        return sorted(table.values(), key=lambda r: (-r["rounds"], r["client"]))
+
+    def _checkpoint(self, completed: int, history: list[dict[str, Any]], agg_state: AggregationState) -> None:
         save_checkpoint(self.state_dir / CHECKPOINT_FILE, {
             "format": 1,
             "federation": self.name,
@@ -431,6 +522,7 @@ class FederationServer:
             "completed_round": completed,
             "params": self.params,
             "optimizer": {"step": self.opt_state.step, "m": self.opt_state.m, "v": self.opt_state.v},
+            "aggregation": agg_state.to_dict(),
             "history": history,
             "normalization": self.normalizer.to_state() if self.normalizer is not None else None,
             "layout": [(t.name, t.dtype, list(t.shape)) for t in self.layout.tensors],
@@ -455,7 +547,18 @@ class FederationServer:
             "model_bytes": self.layout.total_bytes,
             "rounds": self.history,
             "silos": self.silo_stats,
+            "aggregation": {"rule": self.spec.aggregation.rule, "buffered": self.pipeline.buffered},
+            "flaggedClients": self.flagged_clients(),
+            "attack": self._attack_document(),
         }
+
+    def _attack_document(self) -> dict[str, Any] | None:
+        attack = self.spec.byzantine.attack
+        if attack is None:
+            return None
+        return {"type": attack.type, "attackers": sorted(self.pipeline.attackers),
+                "parameters": dict(attack.parameters), "seed": attack.seed,
+                "description": describe_attack(self.spec, sorted(self.pipeline.attackers))}
 
     def wait_for_workers_to_leave(self, timeout: float) -> bool:
         """After the last round: keep answering STOP until every joined worker has left, or `timeout`.
@@ -479,6 +582,7 @@ class FederationServer:
 
     def status(self) -> dict[str, Any]:
         last = self.history[-1] if self.history else {}
+        flagged = self.flagged_clients()
         return {
             "federation": self.name,
             "phase": self.phase,
@@ -488,7 +592,9 @@ class FederationServer:
             "loss": last.get("loss"),
             "epsilon": None,
             "clients": {"connected": len(self.workers), "participants": self.participants},
-            "byzantineFlagged": 0,
+            "byzantineFlagged": len(flagged),
+            "flaggedClients": flagged,
+            "byzantine": last.get("byzantine"),
             "compressionRatio": 1.0,
             "pendingTasks": len(self.queue),
             "message": self.message,
@@ -688,7 +794,7 @@ class FederationServer:
             if cur.closed or task.state != "assigned" or task.worker_id != w.worker_id or task.leases != lease:
                 self.metrics.updates.labels(**self._lv, outcome="late").inc()
                 return pb.SubmitReply(accepted=False, reason="late", detail="the round closed before the update")
-            cur.accumulator.add(params, float(h.num_samples))
+            cur.aggregator.add(task.client_id, params, float(h.num_samples))
             cur.accepted += 1
             task.state = "done"
             w.task_id = None

@@ -146,6 +146,7 @@ async def test_a_federation_gets_every_child_valid_and_owned(
     assert (st["phase"], st["observedGeneration"], st["rounds"]) == ("Pending", 1, 5)
     assert condition(obj, "Progressing")["reason"] == "WaitingForClients"
     assert set(st) <= {"phase", "round", "rounds", "accuracy", "loss", "epsilon", "clients", "byzantineFlagged",
+                       "flaggedClients",
                        "compressionRatio", "observedGeneration", "conditions"}  # nothing from kopf
     assert any(e["reason"] == "Reconciled" for e in events(kube_api, "demo"))
 

@@ -1,0 +1,215 @@
+"""Accuracy under attack: every aggregation rule against every attack, 6 of 20 clients attacking.
+
+Two settings: digits split IID, and digits split non-IID (Dirichlet alpha 0.3, the harder one: honest
+updates disagree, so a robust rule has less room to tell attackers from honest clients). Each cell is the
+final test accuracy of one federation, run in-process by ``federator.runtime.experiment.run_experiment``
+(the server's sampling, the workers' training with their seeds, the server's aggregation pipeline and
+server optimizer; no gRPC, which changes nothing in the numbers: the e2e test checks that a real
+``federator run`` gives the same rounds). The first column is the clean run of the same rule; the goal
+(issue 7) is every robust rule within 5 points of the clean FedAvg run under every attack.
+
+Attacks (byzantine.attack; ALIE, IPM, Gaussian and sign flip are applied by the server to the attackers'
+updates, as a simulation; label flip poisons the attackers' data): sign flip x4 (attackers send -4 times
+their update), ALIE (Baruch et al. 2019, z_max for n=20, f=6), IPM (Xie et al. 2020, epsilon 0.5),
+Gaussian (N(0, 1) in place of the update), label flip (label -> 9 - label).
+
+Run from the repository root: ``.venv/bin/python benchmarks/attack_accuracy.py`` (``--rounds N``,
+``--settings iid,noniid``, ``--no-doc``). Writes its section of ``docs/benchmarks.md`` and
+``docs/bench-attack-accuracy.png``; raw numbers to ``results/attack-accuracy.json``. Not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+for p in (ROOT, ROOT / "benchmarks"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from docsection import DOC, cpu_model, write_section  # noqa: E402
+
+from federator.api.models import FederationSpec  # noqa: E402
+from federator.runtime.experiment import run_experiment  # noqa: E402
+
+SECTION_BEGIN = "<!-- BEGIN attack-accuracy (written by benchmarks/attack_accuracy.py; edits here are lost) -->"
+SECTION_END = "<!-- END attack-accuracy -->"
+PLOT = ROOT / "docs" / "bench-attack-accuracy.png"
+
+ATTACKERS = 6
+CLIENTS = 20
+RULES: dict[str, dict[str, Any]] = {
+    "fedavg": {"rule": "fedavg"},
+    "median": {"rule": "median"},
+    "trimmed_mean": {"rule": "trimmed_mean", "trimFraction": 0.3},
+    "krum": {"rule": "krum"},
+    "multi_krum": {"rule": "multi_krum"},
+    "geometric_median": {"rule": "geometric_median"},
+    # tau must be on the scale of honest updates' distances to the reference: 1.0 lets six -4x sign-flipped
+    # updates through on IID digits (0.32), 0.2 does not (0.89); 0.05 clips honest updates too (0.84)
+    "centered_clipping": {"rule": "centered_clipping", "tau": 0.2, "iterations": 3},
+}
+ATTACKS: dict[str, dict[str, Any] | None] = {
+    "clean": None,
+    "sign_flip": {"type": "sign_flip", "parameters": {"scale": 4}},
+    "alie": {"type": "alie"},
+    "ipm": {"type": "ipm", "parameters": {"epsilon": 0.5}},
+    "gaussian": {"type": "gaussian", "parameters": {"std": 1.0}},
+    "label_flip": {"type": "label_flip"},
+}
+SETTINGS: dict[str, dict[str, Any]] = {
+    "iid": {"dataset": "digits", "partition": {"scheme": "iid"}, "seed": 0},
+    "noniid": {"dataset": "digits", "partition": {"scheme": "dirichlet", "alpha": 0.3}, "seed": 0},
+}
+
+
+def spec_for(setting: str, rule: str, attack: str, rounds: int) -> FederationSpec:
+    byz: dict[str, Any] = {"expectedFraction": 0.0 if rule == "fedavg" else ATTACKERS / CLIENTS}
+    a = ATTACKS[attack]
+    if a is not None:
+        byz["attack"] = {**a, "count": ATTACKERS, "seed": 0}
+    return FederationSpec.model_validate({
+        "rounds": rounds,
+        "model": {"name": "mlp", "hiddenSizes": [64]},
+        "data": SETTINGS[setting],
+        "training": {"localEpochs": 5, "batchSize": 32, "learningRate": 0.1},
+        "clients": {"count": CLIENTS},
+        "aggregation": RULES[rule],
+        "byzantine": byz,
+    })
+
+
+def run(settings: list[str], rounds: int, rules: list[str], previous: dict[str, Any] | None) -> dict[str, Any]:
+    """The grid; with `previous` (an earlier result with the same rounds), only `rules` are run again."""
+    torch.set_num_threads(1)
+    out: dict[str, Any] = previous or {"rounds": rounds, "clients": CLIENTS, "attackers": ATTACKERS, "settings": {}}
+    for setting in settings:
+        table: dict[str, dict[str, float]] = out["settings"].setdefault(setting, {})
+        for rule in rules:
+            table[rule] = {}
+            for attack in ATTACKS:
+                t0 = time.perf_counter()
+                res = run_experiment(spec_for(setting, rule, attack, rounds))
+                table[rule][attack] = res.final_accuracy
+                print(f"{setting:7s} {rule:18s} {attack:10s} {res.final_accuracy:.3f} "
+                      f"({time.perf_counter() - t0:.1f}s)", flush=True)
+        out["settings"][setting] = {r: table[r] for r in RULES if r in table}
+    return out
+
+
+def verdicts(table: dict[str, dict[str, float]]) -> list[str]:
+    clean = table["fedavg"]["clean"]
+    lines = []
+    for rule, row in table.items():
+        if rule == "fedavg":
+            continue
+        bad = [f"{a} ({100 * (row[a] - clean):+.1f})" for a in ATTACKS if a != "clean" and row[a] < clean - 0.05]
+        lines.append(f"- {rule}: " + ("within 5 points of clean FedAvg under every attack" if not bad
+                                       else "more than 5 points below clean FedAvg under " + ", ".join(bad)))
+    return lines
+
+
+def plot(result: dict[str, Any]) -> None:
+    settings = list(result["settings"])
+    fig, axes = plt.subplots(1, len(settings), figsize=(6.5 * len(settings), 4.2), dpi=100, squeeze=False)
+    for ax, setting in zip(axes[0], settings, strict=True):
+        table = result["settings"][setting]
+        rules, attacks = list(table), list(ATTACKS)
+        acc = np.array([[table[r][a] for a in attacks] for r in rules])
+        im = ax.imshow(acc, vmin=0.0, vmax=1.0, cmap="RdYlGn", aspect="auto")
+        for i in range(len(rules)):
+            for j in range(len(attacks)):
+                ax.text(j, i, f"{acc[i, j]:.2f}", ha="center", va="center", fontsize=8)
+        ax.set_xticks(range(len(attacks)), attacks, rotation=30, ha="right")
+        ax.set_yticks(range(len(rules)), rules)
+        ax.set_title(f"digits {setting}: final accuracy, {ATTACKERS} of {CLIENTS} attacking")
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(PLOT)
+    plt.close(fig)
+
+
+def section(result: dict[str, Any], seconds: float, load: str, rules: int) -> str:
+    parts = [SECTION_BEGIN, "## Accuracy under attack (`attack_accuracy.py`)", "",
+             f"Final test accuracy after {result['rounds']} rounds, {ATTACKERS} of {CLIENTS} simulated clients "
+             "attacking (byzantine.expectedFraction 0.3 for the robust rules), MLP 64 on digits, 5 local "
+             "epochs. Each row is a rule, each column an attack; `clean` is the same rule without attackers. "
+             "Goal: every robust rule within 5 points of the clean FedAvg run under every attack.",
+             "",
+             f"Measured {dt.date.today().isoformat()} on {cpu_model()}, one torch thread, in-process "
+             f"(last run: {rules} of {len(RULES)} rules, {seconds:.0f} s; load average at its start: {load}). "
+             "Accuracy does not depend on load. Parameters: trimmed_mean trimFraction 0.3, krum/multi_krum "
+             "f = 6 (m = 14), centered_clipping tau 0.2 with 3 iterations.", ""]
+    for setting, table in result["settings"].items():
+        title = "IID" if setting == "iid" else "non-IID (Dirichlet alpha 0.3)"
+        parts += [f"### digits, {title}", "", "| rule | " + " | ".join(ATTACKS) + " |",
+                  "|---|" + "---:|" * len(ATTACKS)]
+        for rule, row in table.items():
+            parts.append(f"| {rule} | " + " | ".join(f"{row[a]:.3f}" for a in ATTACKS) + " |")
+        parts += ["", *verdicts(table), ""]
+    parts += ["![accuracy under attack](bench-attack-accuracy.png)", "",
+              "Where the goal is missed, and why:", "",
+              "- On IID data every robust rule stays within 5 points of clean FedAvg under every attack, while "
+              "FedAvg itself collapses under sign flip x4 (0.10) and Gaussian noise. ALIE and IPM with 6 of 20 "
+              "barely move FedAvg here: they are built to slip past robust rules, not to wreck a mean.",
+              "- On non-IID data (Dirichlet 0.3) the goal is missed by every robust rule. Part of it costs "
+              "accuracy without any attacker: honest updates disagree, so the coordinate-wise median and trimmed "
+              "mean follow the majority's label mix and Krum keeps one client's update (compare each rule's "
+              "`clean` column with FedAvg's). Under attack the wide honest spread leaves the attackers room: IPM "
+              "(six identical updates, -0.5 x the honest mean) forms the tightest cluster of the round, which "
+              "Krum and Multi-Krum select and which pulls every coordinate-wise statistic; ALIE hides inside "
+              "the honest spread by design. Bucketing (Karimireddy et al. 2022) is the published fix for "
+              "non-IID data, but with 6 of 20 attackers even s = 2 leaves 10 buckets of which 6 can be spoiled, "
+              "beyond any rule's tolerance, so the tolerance check rejects that spec.",
+              "- Centered clipping depends on tau: at 1.0 six sign-flipped updates got through on IID data "
+              "(0.32); 0.2 (used here) holds them (0.89). tau has to match the scale of honest updates.",
+              "- Label flip changes the data, not the shape of the update, so no rule sees it directly; on IID "
+              "data the honest majority outvotes it.",
+              "",
+              SECTION_END, ""]
+    return "\n".join(parts)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--settings", default="iid,noniid")
+    ap.add_argument("--rules", default=",".join(RULES), help="rerun only these rules, keeping the others' "
+                    "rows from results/attack-accuracy.json")
+    ap.add_argument("--no-doc", action="store_true")
+    args = ap.parse_args()
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    rules = args.rules.split(",")
+    raw = ROOT / "results" / "attack-accuracy.json"
+    previous = None
+    if set(rules) != set(RULES) and raw.exists():
+        previous = json.loads(raw.read_text())
+        if previous.get("rounds") != args.rounds:
+            raise SystemExit(f"{raw} has {previous.get('rounds')} rounds, not {args.rounds}: rerun every rule")
+    t0 = time.perf_counter()
+    result = run(args.settings.split(","), args.rounds, rules, previous)
+    seconds = time.perf_counter() - t0
+    (ROOT / "results").mkdir(exist_ok=True)
+    (ROOT / "results" / "attack-accuracy.json").write_text(json.dumps(result, indent=2))
+    if not args.no_doc:
+        plot(result)
+        write_section(section(result, seconds, load, len(rules)), SECTION_BEGIN, SECTION_END, DOC)
+        print(f"wrote {DOC} and {PLOT}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
