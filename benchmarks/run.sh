@@ -6,6 +6,7 @@
 #   benchmarks/run.sh operator --count 100 # only the operator reconciling Federations against kmock
 #   benchmarks/run.sh attack               # only accuracy under attack (benchmarks/attack_accuracy.py)
 #   benchmarks/run.sh robust               # only robust-aggregation throughput against byzfl
+#   benchmarks/run.sh startup --runs 5     # only the quickstart's start-up (benchmarks/startup.py)
 #   benchmarks/run.sh scale                # only server cost per task (1,000 clients) and 500 workers
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -51,6 +52,7 @@ case "${1:-}" in
   operator) exec "$VENV/bin/python" benchmarks/operator_reconcile.py "${@:2}" ;;
   attack) exec "$VENV/bin/python" benchmarks/attack_accuracy.py "${@:2}" ;;
   robust) byzfl_venv; exec "$VENV/bin/python" benchmarks/robust_throughput.py --byzfl-python "$BYZFL_VENV/bin/python" "${@:2}" ;;
+  startup) exec "$VENV/bin/python" benchmarks/startup.py "${@:2}" ;;
   scale) exec "$VENV/bin/python" benchmarks/scale.py "${@:2}" ;;
 esac
 "$VENV/bin/python" benchmarks/bench_flower.py --federator "$VENV/bin/federator" --bench-venv "$BENCH_VENV" "$@"
@@ -60,5 +62,6 @@ if [[ $# -eq 0 ]]; then
   "$VENV/bin/python" benchmarks/attack_accuracy.py
   byzfl_venv
   "$VENV/bin/python" benchmarks/robust_throughput.py --byzfl-python "$BYZFL_VENV/bin/python"
+  "$VENV/bin/python" benchmarks/startup.py
   "$VENV/bin/python" benchmarks/scale.py
 fi

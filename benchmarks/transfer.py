@@ -46,6 +46,7 @@ import yaml  # noqa: E402
 from bench_flower import loopback_transfer_seconds  # noqa: E402
 from docsection import DOC, cpu_model, write_section  # noqa: E402
 
+from federator import tokens  # noqa: E402
 from federator.api.manifest import load_federation  # noqa: E402
 from federator.runtime.client import grpc_channel_options  # noqa: E402
 from federator.runtime.proto import federator_pb2 as pb  # noqa: E402
@@ -81,7 +82,7 @@ def manifest(rounds: int, directory: Path) -> Path:
 
 def start_server(path: Path, state: Path, log: Path) -> tuple[subprocess.Popen[bytes], int]:
     ready = state / "ready"
-    env = {**os.environ, "FEDERATOR_TOKENS": TOKEN}
+    env = {**os.environ, "FEDERATOR_TOKENS": tokens.dumps(tokens.Tokens((TOKEN,)))}
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "federator", "server", "--config", str(path), "--host", "127.0.0.1",

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -45,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=int, default=None, help="gRPC port (default: spec.server.port; 0 = any free)")
     srv.add_argument("--metrics-port", type=int, default=None, help="HTTP port (default: spec.server.metricsPort)")
     srv.add_argument("--state-dir", default="./federator-state", help="checkpoint, final model and logs")
-    srv.add_argument("--token-file", default=None, help="file with accepted tokens, one per line (or FEDERATOR_TOKENS)")
+    srv.add_argument("--token-file", default=None,
+                     help='accepted tokens as JSON: {"workers": [...], "silos": {NAME: TOKEN}} (or FEDERATOR_TOKENS)')
     srv.add_argument("--ready-file", default=None, help="write 'grpc_port metrics_port' here once listening")
     srv.add_argument("--linger-seconds", type=float, default=0.0,
                      help="after the last round keep serving until the workers left, at most this long; "
@@ -81,11 +85,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# the runtime's processes: everything durable is on disk (atomically) when their main returns
+EXIT_AT_ONCE = ("server", "client")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     module = importlib.import_module(COMMANDS[args.command])
     code: int = module.main(args)
+    if args.command in EXIT_AT_ONCE:
+        exit_at_once(code)
     return code
+
+
+def exit_at_once(code: int) -> None:
+    """Flush and leave without Python's interpreter teardown, which for a process holding torch and gRPC
+    takes seconds on a busy machine (2.8 s against 0.07 s measured on 2 cores at load 8), and every
+    `federator run` would wait for it twice (server, then workers)."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

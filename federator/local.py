@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import json
 import os
 import secrets
@@ -24,10 +25,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from federator import tokens
 from federator.api.manifest import ManifestError, load_federation
 from federator.api.models import Federation
+from federator.preflight import check_federation
+from federator.runtime import lifeline
+from federator.runtime.statelock import StateDirLocked, ensure_unlocked
 
 STATE = "state"
+LAST_ERROR_FILE = "last-error"  # written by the server (federator/runtime/server.py) when it fails
+CHECKPOINT_FILE = "checkpoint.pt"
 
 
 @dataclass
@@ -39,7 +46,7 @@ class LocalRun:
     out: Path
     workers: int
     token: str = field(default_factory=lambda: secrets.token_hex(16))
-    extra_tokens: list[str] = field(default_factory=list)  # e.g. "silo:NAME=TOKEN" for silo clients
+    silo_tokens: dict[str, str] = field(default_factory=dict)  # silo name -> its token, for silo clients
     linger_seconds: float = 15.0  # the server's --linger-seconds (-1: serve until stopped, as in a cluster)
     server: subprocess.Popen[bytes] | None = None
     clients: list[subprocess.Popen[bytes]] = field(default_factory=list)
@@ -47,6 +54,7 @@ class LocalRun:
     http_port: int = 0
     launched_at: float = 0.0
     _logs: list[Any] = field(default_factory=list)
+    _lifeline: tuple[dict[str, str], int, int] | None = None  # children stop when this process dies
 
     @property
     def state_dir(self) -> Path:
@@ -61,8 +69,12 @@ class LocalRun:
     def _spawn(self, args: list[str], log_name: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
         log = open(self.out / log_name, "ab")  # noqa: SIM115 (closed in stop())
         self._logs.append(log)
+        if self._lifeline is None:
+            self._lifeline = lifeline.child_env_and_fds()
+        lifeline_env, read_fd, _ = self._lifeline
+        # a session of their own: Ctrl-C reaches only this process, which then stops them in order
         return subprocess.Popen([sys.executable, "-m", "federator", *args], stdout=log, stderr=subprocess.STDOUT,
-                                env=env, start_new_session=True)
+                                env={**env, **lifeline_env}, start_new_session=True, pass_fds=(read_fd,))
 
     def reserve_ports(self) -> None:
         """Pick the server's free ports up front, so that the workers can start (and spend their seconds
@@ -87,7 +99,7 @@ class LocalRun:
              "--port", str(self.grpc_port), "--metrics-port", str(self.http_port),
              "--state-dir", str(self.state_dir), "--ready-file", str(ready),
              "--linger-seconds", str(self.linger_seconds)],
-            "server.log", self._env(FEDERATOR_TOKENS="\n".join([self.token, *self.extra_tokens])),
+            "server.log", self._env(FEDERATOR_TOKENS=tokens.dumps(tokens.Tokens((self.token,), self.silo_tokens))),
         )
 
     def wait_for_server(self, timeout: float = 120.0) -> None:
@@ -96,7 +108,7 @@ class LocalRun:
         deadline = time.monotonic() + timeout
         while not ready.exists():
             if self.server.poll() is not None:
-                raise RuntimeError(f"the server exited with code {self.server.returncode}; see {self.out}/server.log")
+                raise RuntimeError(self.server_failure())
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the server did not start within {timeout:.0f}s; see {self.out}/server.log")
             time.sleep(0.05)
@@ -111,6 +123,20 @@ class LocalRun:
                  "--name", f"worker-{i}", "--metrics-port", "-1", "--threads", str(threads)],
                 f"worker-{i}.log", self._env(FEDERATOR_TOKEN=self.token),
             ))
+
+    def server_failure(self) -> str:
+        """The server's own one-line reason for exiting with an error (its last-error file, else the last
+        line of its log), and where its log is."""
+        assert self.server is not None
+        code = self.server.returncode
+        reason = f"the server was killed by {signal.Signals(-code).name}" if code is not None and code < 0 else ""
+        with contextlib.suppress(OSError):
+            reason = reason or (self.state_dir / LAST_ERROR_FILE).read_text().strip()
+        if not reason:
+            with contextlib.suppress(OSError):
+                lines = [ln for ln in (self.out / "server.log").read_text(errors="replace").splitlines() if ln.strip()]
+                reason = lines[-1].strip() if lines else ""
+        return f"{reason or f'the server exited with code {code}'} (log: {self.out}/server.log)"
 
     def status(self) -> dict[str, Any] | None:
         try:
@@ -144,6 +170,10 @@ class LocalRun:
         for f in self._logs:
             f.close()
         self._logs.clear()
+        if self._lifeline is not None:
+            for fd in self._lifeline[1:]:
+                os.close(fd)
+            self._lifeline = None
 
 
 def _signal(p: subprocess.Popen[bytes], sig: int) -> None:
@@ -165,6 +195,9 @@ def follow(run: LocalRun, quiet: bool) -> dict[str, Any] | None:
     last: dict[str, Any] | None = None
     printed = 0
     assert run.server is not None
+    # this process idles while the rounds run: import the plotting library then, not after the last round
+    # (most of a second); not before round 1, when the server and the workers need the CPU
+    plotting = threading.Thread(target=importlib.import_module, args=("federator.plots",), daemon=True)
     with Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("rounds"),
         TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console, disable=quiet, transient=False,
@@ -176,6 +209,8 @@ def follow(run: LocalRun, quiet: bool) -> dict[str, Any] | None:
             if st is not None:
                 last = st
                 progress.update(task, completed=st["round"], info=_info(st))
+                if st["round"] >= 1 and plotting.ident is None:
+                    plotting.start()
             if quiet:
                 printed = _print_new_rounds(run, printed, rounds)
             if not running:
@@ -239,12 +274,13 @@ def _interrupt_on_signals() -> dict[int, Any]:
     """Ctrl-C and SIGTERM stop the run and every process it started.
 
     Set explicitly: a shell starts background jobs with SIGINT ignored, and Python then leaves it
-    ignored, so `federator run ... &` followed by `kill -INT` would otherwise orphan the workers.
+    ignored, so `federator run ... &` followed by `kill -INT` would otherwise orphan the workers. SIGHUP
+    (the terminal closed) is handled the same way.
     """
     if threading.current_thread() is not threading.main_thread():
         return {}
     previous: dict[int, Any] = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         previous[sig] = signal.signal(sig, _raise_interrupt)
     return previous
 
@@ -257,6 +293,11 @@ def _restore_signals(previous: dict[int, Any]) -> None:
 def run_local(manifest: Path, out: Path, workers: int | None = None, resume: bool = False,
               quiet: bool = False) -> int:
     fed = load_federation(manifest)
+    try:
+        ensure_unlocked(out / STATE)  # before anything is deleted: it may be a live run's
+    except StateDirLocked as exc:
+        print(f"federation {fed.metadata.name}: {exc}", file=sys.stderr)
+        return 2
     out.mkdir(parents=True, exist_ok=True)
     if not resume:
         shutil.rmtree(out / STATE, ignore_errors=True)
@@ -291,15 +332,19 @@ def run_local(manifest: Path, out: Path, workers: int | None = None, resume: boo
     finally:
         run.stop()
         _restore_signals(previous)
+    resume_cmd = f"federator run {manifest} --out {out} --resume"
     if interrupted:
-        print(f"interrupted; every process stopped. Resume with: federator run {manifest} --out {out} --resume",
-              file=sys.stderr)
+        print(f"interrupted; every process stopped. Resume with: {resume_cmd}", file=sys.stderr)
         return 130
     assert run.server is not None
     if run.server.returncode != 0:
-        reason = (last or {}).get("message") or f"server exited with code {run.server.returncode}"
-        print(f"federation {fed.metadata.name} failed: {reason}\nlogs: {out}/server.log, {out}/worker-*.log",
-              file=sys.stderr)
+        reason = run.server_failure()
+        said = (last or {}).get("message")
+        if said and not (run.state_dir / LAST_ERROR_FILE).exists():
+            reason = f"{said} (log: {out}/server.log)"
+        print(f"federation {fed.metadata.name} failed: {reason}", file=sys.stderr)
+        if (run.state_dir / CHECKPOINT_FILE).exists():
+            print(f"completed rounds are kept; once fixed, continue with: {resume_cmd}", file=sys.stderr)
         return 1
     doc = write_results(run)
     final = doc["rounds"][-1] if doc["rounds"] else {}
@@ -317,6 +362,11 @@ def main(args: argparse.Namespace) -> int:
         return 2
     except ManifestError as exc:
         for p in exc.problems:
+            print(f"{manifest}: {p}", file=sys.stderr)
+        return 2
+    problems = check_federation(fed)
+    if problems:
+        for p in problems:
             print(f"{manifest}: {p}", file=sys.stderr)
         return 2
     out = Path(args.out) if args.out else Path("results") / fed.metadata.name

@@ -10,9 +10,38 @@ import yaml
 from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 
-from federator.api.models import API_VERSION, FederatedClient, Federation
+from federator.api.models import (
+    API_VERSION,
+    BUILTIN_MODELS,
+    DNS_LABEL_PATTERN,
+    MODEL_NAME_PATTERN,
+    FederatedClient,
+    Federation,
+)
 
 KINDS: dict[str, type[BaseModel]] = {"Federation": Federation, "FederatedClient": FederatedClient}
+PATTERNS_IN_WORDS = {
+    MODEL_NAME_PATTERN: f"a built-in model ({', '.join(BUILTIN_MODELS)}) or module:factory of your own "
+                        "(e.g. mypackage.models:build)",
+    DNS_LABEL_PATTERN: "lower-case letters, digits and '-', starting and ending with a letter or digit",
+}
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error (YAML 1.2 says so;
+    PyYAML keeps the last value silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, yaml.Node] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                line = key_node.start_mark.line + 1
+                first = seen[key].start_mark.line + 1
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice (lines {first} and {line}): keep one", key_node.start_mark)
+            seen[key] = key_node
+        return super().construct_mapping(node, deep=deep)
 
 
 class ManifestError(ValueError):
@@ -58,7 +87,8 @@ def _allowed(err: ErrorDetails) -> str:
         bound = next(iter(ctx.values()), "?")
         return f"allowed: a number {ops[kind]} {bound}"
     if kind == "string_pattern_mismatch":
-        return f"allowed: a string matching {ctx.get('pattern')}"
+        pattern = str(ctx.get("pattern"))
+        return f"allowed: {PATTERNS_IN_WORDS.get(pattern, f'a string matching {pattern}')}"
     if kind in ("too_long", "too_short"):
         return f"allowed: {err['msg'].lower()}"
     return ""  # type and parsing errors already say what is allowed ("Input should be a valid integer")
@@ -77,6 +107,8 @@ def format_validation_error(exc: ValidationError, prefix: str = "") -> list[str]
             shown = shown[:77] + "..."
         allowed = _allowed(err)
         msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "string_pattern_mismatch" and str((err.get("ctx") or {}).get("pattern")) in PATTERNS_IN_WORDS:
+            msg = "not an allowed value"  # the words below say what is, better than the regular expression
         line = f"{path}: {msg} (got {shown})"
         if allowed:
             line += f"; {allowed}"
@@ -97,7 +129,7 @@ def parse_document(data: Any, index: int = 0) -> Document:
     if model is None:
         raise ManifestError(source, [f"kind: unknown kind (got {kind!r}); allowed: {', '.join(KINDS)}"])
     try:
-        obj = model.model_validate(data)
+        obj = model.model_validate(data, strict=True)  # as the CRD's OpenAPI types: "3" is not an integer
     except ValidationError as exc:
         raise ManifestError(source, format_validation_error(exc)) from None
     return Document(index=index, kind=str(kind), name=obj.metadata.name, obj=obj)  # type: ignore[attr-defined]
@@ -105,11 +137,7 @@ def parse_document(data: Any, index: int = 0) -> Document:
 
 def load_documents(path: str | Path) -> list[Document]:
     """Load and validate every document in a YAML file. Raises ManifestError listing every problem."""
-    text = Path(path).read_text()
-    try:
-        raw = [d for d in yaml.safe_load_all(text) if d is not None]
-    except yaml.YAMLError as exc:
-        raise ManifestError(str(path), [f"(file): not valid YAML: {exc}"]) from None
+    raw = load_yaml_documents(path)
     if not raw:
         raise ManifestError(str(path), ["(file): no documents found"])
     docs, problems = [], []
@@ -122,6 +150,23 @@ def load_documents(path: str | Path) -> list[Document]:
     if problems:
         raise ManifestError(str(path), problems)
     return docs
+
+
+def load_yaml_documents(path: str | Path) -> list[Any]:
+    """The file's non-empty YAML documents; ManifestError for a file that is not UTF-8 or not YAML, or that
+    gives a key twice."""
+    data = Path(path).read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ManifestError(str(path), [f"(file): not UTF-8 text (byte 0x{data[exc.start]:02x} on line {line}); "
+                                        "save the file as UTF-8"]) from None
+    try:
+        return [d for d in yaml.load_all(text, Loader=_UniqueKeyLoader) if d is not None]  # a SafeLoader
+    except yaml.YAMLError as exc:
+        detail = " ".join(str(exc).split())
+        raise ManifestError(str(path), [f"(file): not valid YAML: {detail}"]) from None
 
 
 def load_federation(path: str | Path) -> Federation:

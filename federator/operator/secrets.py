@@ -16,11 +16,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from federator import tokens
+
 CA_CERT = "ca.crt"
 TLS_CERT = "tls.crt"
 TLS_KEY = "tls.key"
 WORKER_TOKEN = "worker-token"
-TOKENS = "tokens"  # every accepted token, one per line: what the server reads
+TOKENS = "tokens"  # every accepted token, in federator/tokens.py's format: what the server reads
 SILO_TOKEN_PREFIX = "token-"
 TLS_KEYS = (CA_CERT, TLS_CERT, TLS_KEY)
 CERT_DAYS = 3650
@@ -93,15 +95,13 @@ def generate_tls(dns_names: list[str], *, now: datetime.datetime | None = None) 
 
 
 def tokens_file(data: Mapping[str, str]) -> str:
-    """The server's token file: the worker token, then `silo:NAME=TOKEN` for each silo in name order.
+    """The server's tokens file (federator/tokens.py): the worker token and each silo's token by name.
 
-    Binding a silo's token to its name means one silo's token cannot be used to join as another
-    (see federator/runtime/server.py `_split_tokens`).
+    Binding a silo's token to its name means one silo's token cannot be used to join as another.
     """
-    lines = [data[WORKER_TOKEN]] if data.get(WORKER_TOKEN) else []
-    for key in sorted(k for k in data if k.startswith(SILO_TOKEN_PREFIX)):
-        lines.append(f"silo:{key.removeprefix(SILO_TOKEN_PREFIX)}={data[key]}")
-    return "".join(f"{line}\n" for line in lines)
+    workers = (data[WORKER_TOKEN],) if data.get(WORKER_TOKEN) else ()
+    silos = {k.removeprefix(SILO_TOKEN_PREFIX): v for k, v in data.items() if k.startswith(SILO_TOKEN_PREFIX)}
+    return tokens.dumps(tokens.Tokens(workers, silos))
 
 
 def desired_credentials(

@@ -25,8 +25,9 @@ import grpc
 import torch
 
 from federator.api.models import Federation
+from federator.runtime import lifeline
 from federator.runtime.aggregation.attacks import local_data
-from federator.runtime.config import load_federation_config, read_tokens
+from federator.runtime.config import load_federation_config
 from federator.runtime.data import ArrayDataset, FederatedData, load_silo_data, prepare_data
 from federator.runtime.httpserver import StatusHTTPServer
 from federator.runtime.metrics import ClientMetrics
@@ -36,6 +37,7 @@ from federator.runtime.proto import federator_pb2 as pb
 from federator.runtime.proto import federator_pb2_grpc as pb_grpc
 from federator.runtime.training import Params, get_params, set_params, train_local
 from federator.runtime.transport import RECONNECT_BACKOFF_MAX, BlobAssembler, encode, layout_from_specs
+from federator.tokens import read_client_token
 
 log = logging.getLogger("federator.client")
 
@@ -295,9 +297,10 @@ def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
+    lifeline.watch_parent()  # started by `federator run`: end with it
     fed = load_federation_config(args.config)
-    tokens = read_tokens(args.token_file, "FEDERATOR_TOKEN")
-    if not tokens:
+    token = read_client_token(args.token_file)
+    if not token:
         log.error("no token: pass --token-file or set FEDERATOR_TOKEN")
         return 2
     silo_data = None
@@ -312,18 +315,19 @@ def main(args: argparse.Namespace) -> int:
     if args.metrics_port >= 0:
         http = StatusHTTPServer("0.0.0.0" if args.metrics_port else "127.0.0.1", args.metrics_port,
                                 metrics.registry).start()
-    worker = Worker(fed, args.server, tokens[0], name=args.name, silo=args.silo, silo_data=silo_data,
+    worker = Worker(fed, args.server, token, name=args.name, silo=args.silo, silo_data=silo_data,
                     metrics=metrics, reconnect_seconds=float(os.environ.get("FEDERATOR_RECONNECT_SECONDS", "600")),
                     tls_ca=Path(args.tls_ca).read_bytes() if args.tls_ca else None,
                     tls_server_name=args.tls_server_name)
     terminated = threading.Event()
 
     def _on_sigterm(signum: int, _frame: object) -> None:
-        log.info("SIGTERM: leaving after the current call")
+        log.info("%s: leaving after the current call", signal.Signals(signum).name)
         terminated.set()
         worker._stop.set()
 
     signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGHUP, _on_sigterm)
     try:
         code = worker.run()
         return 143 if terminated.is_set() else code

@@ -1,19 +1,17 @@
-"""How runtime processes read their configuration: the Federation manifest and tokens."""
+"""How runtime processes read their configuration: the Federation manifest (tokens: federator/tokens.py)."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-import yaml
-
-from federator.api.manifest import ManifestError, parse_document
+from federator.api.manifest import ManifestError, load_yaml_documents, parse_document
 from federator.api.models import API_VERSION, Federation
 
 
 def load_federation_config(path: str | Path) -> Federation:
     """A Federation from a manifest file, or from a file holding only its spec (then named by FEDERATOR_NAME)."""
-    docs = [d for d in yaml.safe_load_all(Path(path).read_text()) if d is not None]
+    docs = load_yaml_documents(path)
     feds = [d for d in docs if isinstance(d, dict) and d.get("kind") == "Federation"]
     if feds:
         doc = feds[0]
@@ -28,8 +26,3 @@ def load_federation_config(path: str | Path) -> Federation:
     assert isinstance(fed, Federation)
     return fed
 
-
-def read_tokens(path: str | None, env: str) -> list[str]:
-    """Tokens from a file (one per line) or an environment variable (newline or comma separated)."""
-    text = Path(path).read_text() if path else os.environ.get(env, "")
-    return [t.strip() for t in text.replace(",", "\n").splitlines() if t.strip() and not t.startswith("#")]

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import csv
 import functools
+import gzip
+import importlib.util
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -22,6 +23,7 @@ from federator.api.models import DataSpec, FederationSpec, PartitionSpec
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
 NPZ_KEY_PAIRS = (("x", "y"), ("X", "y"), ("X", "Y"), ("features", "labels"))
 FILE_FORMATS = ("npz", "csv", "imagefolder")
+DIGITS_FILE = "digits.csv.gz"  # in scikit-learn's package data (sklearn/datasets/data)
 
 
 class DataError(ValueError):
@@ -106,11 +108,16 @@ def _check_features(x: np.ndarray, field: str) -> np.ndarray:
 
 
 def _load_digits() -> ArrayDataset:
-    from sklearn.datasets import load_digits
-
-    bunch: Any = load_digits()
-    x = np.asarray(bunch.images, dtype=np.float32)[:, None, :, :] / np.float32(16.0)
-    y = np.asarray(bunch.target, dtype=np.int64)
+    """scikit-learn's bundled digits (1,797 8x8 images), read from its package data file with numpy, as
+    `sklearn.datasets.load_digits` reads it, without importing scikit-learn (most of a second per process)."""
+    spec = importlib.util.find_spec("sklearn")  # a top-level name: found, not imported
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("data.dataset 'digits' is scikit-learn's bundled data set: pip install scikit-learn")
+    path = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data" / DIGITS_FILE
+    with gzip.open(path, mode="rt", encoding="utf-8") as f:
+        table = np.loadtxt(f, delimiter=",")
+    x = table[:, :-1].reshape(-1, 1, 8, 8).astype(np.float32) / np.float32(16.0)
+    y = table[:, -1].astype(np.int64)
     return ArrayDataset(x, y, 10)
 
 
@@ -135,6 +142,11 @@ def _as_image_batch(x: np.ndarray) -> np.ndarray:
     return x
 
 
+def _is_zip(path: Path) -> bool:
+    with path.open("rb") as f:
+        return f.read(4) == b"PK\x03\x04"
+
+
 def _load_npz(path: str) -> ArrayDataset:
     p = _existing_file(path)
     try:
@@ -151,7 +163,10 @@ def _load_npz(path: str) -> ArrayDataset:
             raw_y = archive[pair[1]]
     except DataError:
         raise
-    except ValueError as exc:  # object arrays need pickle, which we refuse
+    except ValueError as exc:  # object arrays need pickle, which we refuse; np.load also says so of non-zip files
+        if not _is_zip(p):
+            raise DataError(f"data.path: {p} is not an npz file (an npz is a zip of arrays: save it with "
+                            "np.savez(path, x=features, y=labels)), or set data.dataset to its format") from exc
         raise DataError(
             f"data.path: cannot read {p} as npz without pickle ({exc}); store numeric arrays"
         ) from exc
@@ -268,7 +283,8 @@ def _load_imagefolder(path: str, image_size: int, grayscale: bool) -> ArrayDatas
 def _existing_file(path: str) -> Path:
     p = Path(path)
     if not p.exists():
-        raise DataError(f"data.path: {p} does not exist; set data.path to a file mounted in the pod")
+        where = "" if p.is_absolute() else f" (relative to {Path.cwd()})"
+        raise DataError(f"data.path: {p} does not exist{where}; set data.path to an existing file")
     if not p.is_file():
         raise DataError(f"data.path: {p} is not a file")
     return p
@@ -307,21 +323,60 @@ def load_silo_data(
 
 
 def split_train_test(ds: ArrayDataset, test_fraction: float, seed: int) -> tuple[ArrayDataset, ArrayDataset]:
-    """Shuffle and hold out ``test_fraction``; stratified when every class has at least 2 samples."""
-    from sklearn.model_selection import train_test_split
+    """Shuffle and hold out ``test_fraction``; stratified when every class has at least 2 samples.
 
+    The same split as scikit-learn's ``train_test_split(..., random_state=seed, stratify=...)`` (a test
+    checks it), without importing scikit-learn at run time.
+    """
     n = len(ds)
     if n < 2:
         raise DataError(f"data: need at least 2 samples to split into train and test, got {n}")
     if not 0.0 < test_fraction < 1.0:
         raise DataError(f"data.testFraction must be between 0 and 1, got {test_fraction}")
     n_test = min(max(1, round(n * test_fraction)), n - 1)
-    indices = np.arange(n)
     counts = np.bincount(ds.y)
     present = counts[counts > 0]
-    stratify = ds.y if present.min() >= 2 and n_test >= len(present) and n - n_test >= len(present) else None
-    train_idx, test_idx = train_test_split(indices, test_size=n_test, random_state=seed, stratify=stratify)
-    return ds.subset(np.asarray(train_idx)), ds.subset(np.asarray(test_idx))
+    rng = np.random.RandomState(seed)
+    if present.min() >= 2 and n_test >= len(present) and n - n_test >= len(present):
+        train_idx, test_idx = _stratified_split(ds.y, n - n_test, n_test, rng)
+    else:
+        permutation = rng.permutation(n)
+        train_idx, test_idx = permutation[n_test:], permutation[:n_test]
+    return ds.subset(train_idx), ds.subset(test_idx)
+
+
+def _stratified_split(y: np.ndarray, n_train: int, n_test: int,
+                      rng: np.random.RandomState) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's StratifiedShuffleSplit, one split: each class in proportion, ties broken by `rng`."""
+    _, y_indices, class_counts = np.unique(y, return_inverse=True, return_counts=True)
+    class_indices = np.split(np.argsort(y_indices, kind="stable"), np.cumsum(class_counts)[:-1])
+    n_i = _approximate_mode(class_counts, n_train, rng)
+    t_i = _approximate_mode(class_counts - n_i, n_test, rng)
+    train: list[int] = []
+    test: list[int] = []
+    for i in range(len(class_counts)):
+        members = class_indices[i].take(rng.permutation(class_counts[i]), mode="clip")
+        train.extend(members[: n_i[i]])
+        test.extend(members[n_i[i] : n_i[i] + t_i[i]])
+    return rng.permutation(train), rng.permutation(test)
+
+
+def _approximate_mode(class_counts: np.ndarray, n_draws: int, rng: np.random.RandomState) -> np.ndarray:
+    """How many of `n_draws` each class gets: the floor of its share, then one more for the largest
+    remainders (ties drawn at random), as scikit-learn's `_approximate_mode`."""
+    continuous = class_counts / class_counts.sum() * n_draws
+    floored = np.floor(continuous)
+    need_to_add = int(n_draws - floored.sum())
+    if need_to_add > 0:
+        remainder = continuous - floored
+        for value in np.sort(np.unique(remainder))[::-1]:
+            (inds,) = np.where(remainder == value)
+            add_now = min(len(inds), need_to_add)
+            floored[rng.choice(inds, size=add_now, replace=False)] += 1
+            need_to_add -= add_now
+            if need_to_add == 0:
+                break
+    return floored.astype(int)
 
 
 def partition_indices(

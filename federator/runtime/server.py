@@ -9,6 +9,7 @@ other workers. A round closes when every sampled update arrived, or at the round
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import hmac
 import json
@@ -19,7 +20,7 @@ import signal
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,9 @@ import grpc
 import numpy as np
 import torch
 
+from federator.api.manifest import ManifestError
 from federator.api.models import Federation, FederationSpec
+from federator.runtime import lifeline
 from federator.runtime.aggregation import (
     AggregationPipeline,
     AggregationState,
@@ -40,13 +43,13 @@ from federator.runtime.aggregation import (
 )
 from federator.runtime.aggregation.attacks import describe as describe_attack
 from federator.runtime.byzantine import ReputationState, is_quarantined
-from federator.runtime.checkpoint import load_checkpoint, save_checkpoint
-from federator.runtime.config import load_federation_config, read_tokens
+from federator.runtime.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from federator.runtime.config import load_federation_config
 from federator.runtime.data import DataError, prepare_data
 from federator.runtime.diagnostics import majority_rate, stuck_at_majority, stuck_message
 from federator.runtime.httpserver import StatusHTTPServer
 from federator.runtime.metrics import ServerMetrics
-from federator.runtime.models import build_model, count_parameters
+from federator.runtime.models import ModelError, build_model, count_parameters
 from federator.runtime.normalization import (
     FeatureStats,
     Normalizer,
@@ -59,6 +62,7 @@ from federator.runtime.normalization import (
 )
 from federator.runtime.proto import federator_pb2 as pb
 from federator.runtime.proto import federator_pb2_grpc as pb_grpc
+from federator.runtime.statelock import StateDirLocked, lock_state_dir
 from federator.runtime.training import Params, evaluate, get_params, set_params
 from federator.runtime.transport import (
     DEFAULT_CHUNK_BYTES,
@@ -69,6 +73,7 @@ from federator.runtime.transport import (
     Rejected,
     encode,
 )
+from federator.tokens import Tokens, TokensError, read_server_tokens
 
 log = logging.getLogger("federator.server")
 
@@ -147,7 +152,7 @@ def model_version(run_id: str, completed_round: int) -> int:
 class FederationServer:
     """Owns the global model and the round loop; serves gRPC and HTTP."""
 
-    def __init__(self, fed: Federation, state_dir: Path, tokens: list[str], host: str = "127.0.0.1",
+    def __init__(self, fed: Federation, state_dir: Path, tokens: Tokens | Sequence[str], host: str = "127.0.0.1",
                  port: int = 0, metrics_port: int = 0, heartbeat_seconds: float = 1.0,
                  tls: tuple[bytes, bytes] | None = None) -> None:
         self.fed = fed
@@ -156,7 +161,8 @@ class FederationServer:
         self.namespace = fed.metadata.namespace
         self.state_dir = state_dir
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.worker_tokens, self.silo_tokens = _split_tokens(tokens)
+        tokens = tokens if isinstance(tokens, Tokens) else Tokens.from_entries(tokens)
+        self.worker_tokens, self.silo_tokens = list(tokens.workers), dict(tokens.silos)
         self.heartbeat_seconds = heartbeat_seconds
         self.dead_after = 3 * heartbeat_seconds + 2.0
         # our own limit is checked on every message and counted; gRPC's hard limit (twice ours) only stops
@@ -294,6 +300,7 @@ class FederationServer:
             if not self._normalization_fixed:
                 self._fix_normalization()
             self.phase = "Running"
+            self.message = ""  # "waiting for client workers" no longer holds: a later failure sets its own
             while self.completed < self.spec.rounds and not self._stopping.is_set():
                 if not self._run_round_with_retries(self.completed + 1):
                     return 1
@@ -765,8 +772,10 @@ class FederationServer:
                 return self.reject("wrong_round", f"update says round {h.round}, task is for round {task.round}",
                                    task)
             if task.worker_id != w.worker_id or task.state != "assigned":
-                reason = "duplicate" if task.state == "done" else "unknown_task"
-                return self.reject(reason, f"task {h.task_id!r} is not assigned to this worker")
+                if task.state == "done":
+                    return self.reject("duplicate", f"task {h.task_id!r} was already submitted and accepted: "
+                                       "this update is a replay and was ignored")
+                return self.reject("unknown_task", f"task {h.task_id!r} is not assigned to this worker")
             if h.client_id != task.client_id:
                 return self.reject("malformed", f"client {h.client_id!r} does not match the task", task)
             if h.base_version != task.version:
@@ -881,39 +890,54 @@ class _Servicer(pb_grpc.FederatorServicer):
         return pb.LeaveReply()
 
 
-def _split_tokens(tokens: list[str]) -> tuple[list[str], dict[str, str]]:
-    """Lines `TOKEN` are worker tokens; lines `silo:NAME=TOKEN` bind a token to one silo."""
-    workers, silos = [], {}
-    for line in tokens:
-        if line.startswith("silo:") and "=" in line:
-            name, tok = line[5:].split("=", 1)
-            silos[name] = tok
-        elif line:
-            workers.append(line)
-    return workers, silos
-
-
 def _write_json_atomic(path: Path, doc: dict[str, Any]) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(doc, indent=2))
     os.replace(tmp, path)
 
 
+LAST_ERROR_FILE = "last-error"  # one line: why the server stopped with an error, read by `federator run`
+
+
 def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(max(1, int(os.environ.get("FEDERATOR_TORCH_THREADS", "1"))))
-    fed = load_federation_config(args.config)
-    tokens = read_tokens(args.token_file, "FEDERATOR_TOKENS")
-    if not tokens:
-        log.error("no tokens: pass --token-file or set FEDERATOR_TOKENS (one token per line)")
+    lifeline.watch_parent()
+    state_dir = Path(args.state_dir)
+    (state_dir / LAST_ERROR_FILE).unlink(missing_ok=True)
+    try:
+        return _serve(args, state_dir)
+    except StateDirLocked as exc:
+        log.error("%s", exc)  # not written into the folder: it belongs to the running server
         return 2
+    except (ManifestError, TokensError, DataError, ModelError, CheckpointError, OSError, RuntimeError) as exc:
+        log.exception("the server stopped: %s", exc)
+        _write_last_error(state_dir, str(exc))
+        return 2 if isinstance(exc, ManifestError | TokensError) else 1
+    except Exception as exc:
+        log.exception("the server crashed")
+        _write_last_error(state_dir, f"the server crashed: {type(exc).__name__}: {exc}")
+        return 1
+
+
+def _write_last_error(state_dir: Path, reason: str) -> None:
+    with contextlib.suppress(OSError):
+        state_dir.mkdir(parents=True, exist_ok=True)
+        (state_dir / LAST_ERROR_FILE).write_text(" ".join(reason.split()) + "\n")
+
+
+def _serve(args: argparse.Namespace, state_dir: Path) -> int:
+    fed = load_federation_config(args.config)
+    tokens = read_server_tokens(args.token_file, "FEDERATOR_TOKENS")
+    if not tokens:
+        raise TokensError('no tokens: pass --token-file or set FEDERATOR_TOKENS, as JSON: {"workers": ["TOKEN"]}')
     port = fed.spec.server.port if args.port is None else args.port
     mport = fed.spec.server.metricsPort if args.metrics_port is None else args.metrics_port
     if bool(args.tls_cert) != bool(args.tls_key):
-        log.error("--tls-cert and --tls-key go together")
-        return 2
+        raise TokensError("--tls-cert and --tls-key go together: pass both or neither")
     tls = (Path(args.tls_cert).read_bytes(), Path(args.tls_key).read_bytes()) if args.tls_cert else None
-    server = FederationServer(fed, Path(args.state_dir), tokens, args.host, port, mport, tls=tls).start()
+    lock_state_dir(state_dir)  # held until this process ends, taken before the checkpoint is read
+    server = FederationServer(fed, state_dir, tokens, args.host, port, mport, tls=tls).start()
     if args.ready_file:
         Path(args.ready_file).write_text(f"{server.port} {server.metrics_port}\n")
 
@@ -921,9 +945,16 @@ def main(args: argparse.Namespace) -> int:
         log.info("signal %d: stopping", signum)
         server._stopping.set()
 
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
-    code = server.run()
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, _on_signal)
+    try:
+        code = server.run()
+    except Exception as exc:
+        server.phase = "Failed"
+        server.message = (f"the server crashed after {server.completed} of {fed.spec.rounds} rounds: "
+                          f"{type(exc).__name__}: {exc}; a restarted server resumes from its checkpoint")
+        server.stop()
+        raise
     if args.linger_seconds < 0:
         # in a cluster: a finished (or failed) federation keeps its result visible and tells every worker
         # that asks to STOP, until the pod is stopped; exiting would only restart the pod
@@ -932,4 +963,6 @@ def main(args: argparse.Namespace) -> int:
     elif args.linger_seconds > 0 and not server._stopping.is_set():
         server.wait_for_workers_to_leave(args.linger_seconds)
     server.stop()
+    if code != 0 and server.phase == "Failed":
+        _write_last_error(state_dir, server.message)
     return code

@@ -19,6 +19,7 @@ from federator.runtime.proto import federator_pb2_grpc as pb_grpc
 from federator.runtime.server import FederationServer
 from federator.runtime.training import Params
 from federator.runtime.transport import BlobAssembler, encode, layout_from_specs
+from federator.tokens import Tokens
 from tests.helpers.manifests import manifest
 
 TOKEN = "good-token"
@@ -33,7 +34,8 @@ def server(tmp_path: Path) -> Iterator[FederationServer]:
         clients={"count": 1, "perRound": 1, "minPerRound": 1, "roundTimeoutSeconds": 60, "maxRoundRetries": 50},
         server={"maxMessageMiB": 1},
     )
-    srv = FederationServer(Federation.model_validate(doc), tmp_path, [TOKEN, "silo:hospital-a=silo-token"]).start()
+    tokens = Tokens((TOKEN,), {"hospital-a": "silo-token"})
+    srv = FederationServer(Federation.model_validate(doc), tmp_path, tokens).start()
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     yield srv
@@ -269,3 +271,22 @@ def test_crc_of_honest_chunks_is_checked_per_chunk() -> None:
         assert c.crc32 == running
     assert chunks[-1].crc32 == enc.specs[0].crc32
     assert b"".join(c.data for c in chunks) == enc.blob
+
+
+def test_a_replayed_update_is_refused_and_its_reply_says_it_is_a_replay(tmp_path: Path) -> None:
+    doc = manifest(rounds=1, clients={"count": 2, "perRound": 2, "minPerRound": 2, "roundTimeoutSeconds": 60})
+    srv = FederationServer(Federation.model_validate(doc), tmp_path, [TOKEN]).start()
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    try:
+        client = Hostile(srv.port)
+        task, params = client.task()
+        update = messages(*client.update(task, shifted(params, 0.5)))
+        assert client.submit(update).accepted  # one of two: the round stays open
+        replay = client.submit(update)
+        assert not replay.accepted and replay.reason == "duplicate"
+        assert "replay" in replay.detail and "not assigned" not in replay.detail
+        assert rejections(srv, "duplicate") == 1
+    finally:
+        srv.stop()
+        thread.join(10)

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from federator import tokens
 from federator.api.manifest import load_federation
 from federator.local import LocalRun, write_results
 from federator.runtime.transport import RECONNECT_BACKOFF_MAX
@@ -151,6 +152,7 @@ def test_server_serves_health_metrics_and_status(tmp_path: Path) -> None:
             assert r.status == 200
         pending = json.load(urllib.request.urlopen(f"{base}/status"))
         assert pending["phase"] == "Pending" and pending["round"] == 0 and pending["rounds"] == 4
+        assert pending["message"] == "waiting for client workers to join"
         run.start_clients()
         wait_for(lambda: _status(run).get("round", 0) >= 2, 120, "two rounds")
         text = urllib.request.urlopen(f"{base}/metrics").read().decode()
@@ -165,6 +167,7 @@ def test_server_serves_health_metrics_and_status(tmp_path: Path) -> None:
     assert f'federator_client_updates_total{{{labels},outcome="accepted"}}' in text
     assert "federator_round_duration_seconds_bucket" in text
     assert st["phase"] in ("Running", "Succeeded") and st["round"] >= 2
+    assert st["message"] in ("", "completed 4 rounds")  # the waiting reason is gone once rounds run
     assert 0.0 <= st["accuracy"] <= 1.0 and st["clients"]["participants"] == 4
 
 
@@ -201,7 +204,7 @@ def test_silo_client_trains_on_its_own_data(tmp_path: Path) -> None:
     doc = manifest(rounds=4, clients={"count": 2, "perRound": 2, "minPerRound": 2, "workers": 1})
     path = write_manifest(tmp_path / "fed.yaml", doc)
     run = LocalRun(manifest=path, fed=load_federation(path), out=tmp_path, workers=1,
-                   extra_tokens=["silo:hospital=hospital-token"])
+                   silo_tokens={"hospital": "hospital-token"})
     (tmp_path / "state").mkdir()
     with open(tmp_path / "silo.log", "wb") as silo_log:
         try:
@@ -266,3 +269,82 @@ def test_ctrl_c_stops_every_process_and_resume_finishes_the_run(tmp_path: Path) 
     rounds = json.loads((out / "metrics.json").read_text())["rounds"]
     assert [r["round"] for r in rounds] == list(range(1, 41))
     assert "resumed from checkpoint" in (out / "server.log").read_text()
+
+
+def test_kill_9_of_run_leaves_no_process_and_resume_runs_each_round_once(tmp_path: Path) -> None:
+    doc = manifest(rounds=30, clients={"count": 4, "perRound": 4, "minPerRound": 4, "workers": 2})
+    path = write_manifest(tmp_path / "kill9.yaml", doc)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "federator", "run", str(path), "--out", str(out), "--quiet"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.startswith("round "):
+            break
+    children = set(_processes_mentioning(str(path))) - {proc.pid}
+    assert len(children) == 3  # the server and two workers
+    proc.kill()
+    proc.wait(10)
+    # they notice the lost parent at once (PR_SET_PDEATHSIG, or EOF on the lifeline pipe) and stop
+    wait_for(lambda: not (children & set(_processes_mentioning(str(path)))), 60, "every child process to exit")
+
+    done = federator("run", str(path), "--out", str(out), "--quiet", "--resume")
+    assert done.returncode == 0, done.stderr[-3000:]
+    rounds = json.loads((out / "metrics.json").read_text())["rounds"]
+    assert [r["round"] for r in rounds] == list(range(1, 31))
+    log = (out / "server.log").read_text()  # both servers' lines: each round completed exactly once
+    assert [log.count(f" round {i}/30: ") for i in range(1, 31)] == [1] * 30
+    assert "resumed from checkpoint" in log
+
+
+def test_a_second_server_on_a_state_folder_in_use_refuses(tmp_path: Path) -> None:
+    doc = manifest(rounds=2)
+    path = write_manifest(tmp_path / "fed.yaml", doc)
+    run = LocalRun(manifest=path, fed=load_federation(path), out=tmp_path, workers=1)
+    (tmp_path / "state").mkdir()
+    try:
+        run.reserve_ports()
+        run.start_server()  # no workers: it waits for them, holding the folder
+        assert run.server is not None
+        second = subprocess.run(
+            [sys.executable, "-m", "federator", "server", "--config", str(path), "--port", "0", "--metrics-port", "0",
+             "--state-dir", str(run.state_dir)],
+            cwd=ROOT, capture_output=True, text=True, timeout=120,
+            env=dict(os.environ, FEDERATOR_TOKENS=tokens.dumps(tokens.Tokens(("t",)))))
+        assert second.returncode == 2, second.stderr[-2000:]
+        assert f"is in use by process {run.server.pid}" in second.stderr
+        assert f"kill {run.server.pid}" in second.stderr
+        # and `federator run` on the same folder refuses before deleting anything of the live run
+        again = federator("run", str(path), "--out", str(tmp_path))
+        assert again.returncode == 2 and f"in use by process {run.server.pid}" in again.stderr
+        assert (tmp_path / "server.log").exists() and run.server.poll() is None
+        run.server.send_signal(signal.SIGHUP)  # the terminal closed: a clean stop, as on SIGTERM
+        assert run.server.wait(60) == 1  # stopped before its rounds were done
+        assert f"signal {int(signal.SIGHUP)}: stopping" in (tmp_path / "server.log").read_text()
+    finally:
+        run.stop()
+
+
+def test_a_server_failure_is_explained_on_the_console_with_how_to_continue(tmp_path: Path) -> None:
+    doc = manifest(rounds=30, clients={"count": 4, "perRound": 4, "minPerRound": 4, "workers": 1})
+    path = write_manifest(tmp_path / "fed.yaml", doc)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "federator", "run", str(path), "--out", str(out), "--quiet"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.startswith("round "):
+            break
+    server = int((out / "state" / "server.lock").read_text())
+    os.kill(server, signal.SIGKILL)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert "failed: the server was killed by SIGKILL" in err
+    assert f"continue with: federator run {path} --out {out} --resume" in err
+
+    doc["spec"]["model"]["hiddenSizes"] = [16]  # a checkpoint of the old model cannot be continued with it
+    write_manifest(path, doc)
+    done = federator("run", str(path), "--out", str(out), "--quiet", "--resume")
+    assert done.returncode == 1
+    assert "was made for a different model; use a new state directory" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
+from federator import tokens
 from tests.helpers.kubeschema import validate_upstream
 from tests.integration.conftest import (
     ApiServer,
@@ -425,10 +426,9 @@ async def test_the_federation_adds_tokens_for_its_clients(
         assert condition(live(kube_api, FEDCS, "other"), "Ready")["reason"] == "FederationNotFound"
 
     assert {"token-a", "token-b"} <= set(data) and "token-other" not in data
-    tokens = base64.b64decode(data["tokens"]).decode().split()
-    assert len(tokens) == 3 == len(set(tokens))
-    silo_a = base64.b64decode(data["token-a"]).decode()
-    assert f"silo:a={silo_a}" in tokens  # bound to its silo, as the server reads it
+    accepted = tokens.loads(base64.b64decode(data["tokens"]).decode())  # as the server reads it
+    assert len(accepted.workers) == 1 and set(accepted.silos) == {"a", "b"}
+    assert accepted.silos["a"] == base64.b64decode(data["token-a"]).decode()  # bound to its silo
     assert live(kube_api, "apps/v1/deployments", "other-silo") is None
 
 

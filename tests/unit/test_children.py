@@ -12,6 +12,7 @@ import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from federator import tokens
 from federator.api.manifest import parse_document
 from federator.api.models import FederatedClient, Federation
 from federator.operator import children, secrets
@@ -280,7 +281,8 @@ def test_config_hash_ignores_scaling_but_not_training() -> None:
 def test_credentials_are_generated_once_and_kept() -> None:
     names = children.credential_dns_names(federation())
     first = secrets.desired_credentials({}, ["b", "a"], dns_names=names)
-    assert first["tokens"] == f"{first['worker-token']}\nsilo:a={first['token-a']}\nsilo:b={first['token-b']}\n"
+    assert tokens.loads(first["tokens"]) == tokens.Tokens((first["worker-token"],),
+                                                          {"a": first["token-a"], "b": first["token-b"]})
     again = secrets.desired_credentials(first, ["a", "b"], dns_names=names,
                                         tls=lambda _: pytest.fail("TLS regenerated"),
                                         token=lambda: pytest.fail("token regenerated"))

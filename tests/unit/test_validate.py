@@ -110,3 +110,92 @@ def test_run_refuses_an_invalid_manifest_without_starting_anything(tmp_path: Pat
     assert done.returncode == 2
     assert "spec.model.name" in done.stderr and "'resnet9000'" in done.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_non_utf8_file_is_one_line_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "latin1.yaml"
+    text = yaml.safe_dump(manifest())
+    path.write_bytes(text.encode() + "# caf\xe9\n".encode("latin-1"))
+    code, lines = validate(capsys, path)
+    assert code == 2
+    line = text.count("\n") + 1
+    assert lines == [f"{path}: (file): not UTF-8 text (byte 0xe9 on line {line}); save the file as UTF-8"]
+
+
+def test_a_key_given_twice_is_refused_naming_the_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "twice.yaml"
+    text = yaml.safe_dump(manifest(), sort_keys=False)
+    path.write_text(text.replace("  rounds: 3\n", "  rounds: 3\n  rounds: 4\n"))
+    code, lines = validate(capsys, path)
+    assert code == 2 and len(lines) == 1
+    assert "key 'rounds' appears twice (lines 6 and 7): keep one" in lines[0]
+
+
+@pytest.mark.parametrize(("section", "value", "field"), [
+    ("rounds", "3", "spec.rounds"),
+    ("training", {"learningRate": "0.1"}, "spec.training.learningRate"),
+    ("clients", {"count": 4.0}, "spec.clients.count"),
+    ("data", {"partition": {"scheme": "iid"}, "seed": True}, "spec.data.seed"),
+])
+def test_types_are_strict_as_in_the_crd(tmp_path: Path, capsys: pytest.CaptureFixture[str], section: str,
+                                        value: object, field: str) -> None:
+    code, lines = validate(capsys, write_manifest(tmp_path / "m.yaml", manifest(**{section: value})))
+    assert code == 2 and len(lines) == 1 and f": {field}: " in lines[0], lines
+
+
+def test_an_integer_is_a_number(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _ = validate(capsys, write_manifest(tmp_path / "m.yaml", manifest(training={"learningRate": 1})))
+    assert code == 0  # as in OpenAPI, where an integer is a number
+
+
+def test_an_unknown_model_lists_the_names_in_words(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, lines = validate(capsys, write_manifest(tmp_path / "m.yaml", manifest(model={"name": "resnet"})))
+    assert code == 2 and len(lines) == 1
+    assert "spec.model.name" in lines[0] and "'resnet'" in lines[0]
+    assert "allowed: a built-in model (mlp, cnn, lenet5) or module:factory of your own" in lines[0]
+    assert "^(" not in lines[0]
+
+
+def test_a_data_file_that_does_not_exist_is_reported(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    doc = manifest(data={"dataset": "npz", "path": str(tmp_path / "absent.npz")})
+    code, lines = validate(capsys, write_manifest(tmp_path / "m.yaml", doc))
+    assert code == 2 and len(lines) == 1
+    assert f"data.path: {tmp_path / 'absent.npz'} does not exist; set data.path to an existing file" in lines[0]
+    assert "pod" not in lines[0]
+
+
+def test_a_data_file_that_does_not_open_in_its_format(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "junk.npz").write_bytes(b"not a zip archive")
+    doc = manifest(data={"dataset": "npz", "path": str(tmp_path / "junk.npz")})
+    code, lines = validate(capsys, write_manifest(tmp_path / "m.yaml", doc))
+    assert code == 2 and len(lines) == 1 and f"data.path: {tmp_path / 'junk.npz'} is not an npz file" in lines[0]
+    assert "pickle" not in lines[0]
+
+
+@pytest.mark.parametrize(("name", "says"), [
+    ("no_such_module_xyz:build", "cannot import module 'no_such_module_xyz'"),
+    ("tests.helpers.factories:nothing_here", "has no callable 'nothing_here'"),
+    ("tests.helpers.factories:wrong_signature", "calling wrong_signature(input_shape=..., num_classes=..., "),
+    ("tests.helpers.factories:not_a_module", "the factory returned dict, not a torch.nn.Module"),
+    ("tests.helpers.factories:raises", "the factory raised RuntimeError: CUDA is not available"),
+])
+def test_a_custom_model_must_import_and_build_a_module(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                       name: str, says: str) -> None:
+    code, lines = validate(capsys, write_manifest(tmp_path / "m.yaml", manifest(model={"name": name})))
+    assert code == 2 and len(lines) == 1 and says in lines[0], lines
+
+
+def test_a_custom_model_that_builds_is_valid(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    doc = manifest(model={"name": "tests.helpers.bigmodel:ballast", "args": {"megabytes": 1}})
+    code, lines = validate(capsys, write_manifest(tmp_path / "m.yaml", doc))
+    assert code == 0, lines
+
+
+def test_run_checks_the_data_before_starting_anything(tmp_path: Path) -> None:
+    doc = manifest(data={"dataset": "csv", "path": "nowhere.csv"})
+    path = write_manifest(tmp_path / "m.yaml", doc)
+    done = subprocess.run([sys.executable, "-m", "federator", "run", str(path), "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 2
+    assert f"data.path: nowhere.csv does not exist (relative to {tmp_path})" in done.stderr
+    assert not (tmp_path / "out").exists()
