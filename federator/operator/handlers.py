@@ -13,7 +13,7 @@ import aiohttp
 import kopf
 
 from federator.api.models import GROUP, VERSION
-from federator.operator import reconcile
+from federator.operator import daemon, reconcile
 from federator.operator.kube import Kube
 
 FEDERATIONS = (GROUP, VERSION, "federations")
@@ -77,8 +77,8 @@ async def federation_status(
         await reconcile.poll_federation(
             kube=memo["kube"], session=memo["http"], config=memo["config"], body=body, memo=memo)
 
-    await reconcile.status_loop(poll, stopped=stopped, interval=memo["config"].status_interval, logger=logger,
-                                closing=lambda: bool(memo["lifecycle"]["closing"]))
+    await daemon.status_loop(poll, stopped=stopped, interval=memo["config"].status_interval, logger=logger,
+                              closing=lambda: bool(memo["lifecycle"]["closing"]))
 
 
 # ----------------------------------------------------------------------------------- FederatedClient
@@ -105,5 +105,5 @@ async def federated_client_status(
         await reconcile.poll_client(
             kube=memo["kube"], session=memo["http"], config=memo["config"], body=body, memo=memo)
 
-    await reconcile.status_loop(poll, stopped=stopped, interval=memo["config"].status_interval, logger=logger,
-                                closing=lambda: bool(memo["lifecycle"]["closing"]))
+    await daemon.status_loop(poll, stopped=stopped, interval=memo["config"].status_interval, logger=logger,
+                              closing=lambda: bool(memo["lifecycle"]["closing"]))

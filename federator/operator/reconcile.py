@@ -351,25 +351,6 @@ async def poll_federation(
         _post(body, status.federation_events(*written))
 
 
-async def status_loop(poll: Any, *, stopped: Any, interval: float, logger: logging.Logger | Any,
-                      closing: Any = lambda: False) -> None:
-    """Run `poll()` every `interval` seconds until kopf stops the daemon; errors are logged, never fatal.
-
-    `closing()` turns true when the operator's cleanup has begun: its HTTP sessions are going away, and a
-    daemon that kopf has not stopped yet must not spin on "Session is closed" until it is cancelled.
-    """
-    while not stopped and not closing():
-        try:
-            await poll()
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # a status daemon must outlive API hiccups
-            if stopped or closing():
-                break  # the operator is exiting and closed its sessions under us
-            logger.warning(f"status update failed: {type(exc).__name__}: {exc}")
-        await stopped.wait(interval)
-
-
 # --------------------------------------------------------------------------------- federated client
 
 

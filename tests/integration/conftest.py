@@ -15,6 +15,7 @@ import datetime
 import itertools
 import json
 import threading
+import traceback
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -367,7 +368,7 @@ async def operator_thread(memo: kopf.Memo, options: dict[str, Any], start_timeou
         stop.set()
         await asyncio.to_thread(thread.join, stop_timeout)
         assert not thread.is_alive(), "the operator did not stop"
-        assert not errors, errors
+        assert not errors, "".join(traceback.format_exception(errors[0]))
 
 
 async def eventually(check: Callable[[], Any], *, timeout: float = 10.0, message: str = "") -> Any:
