@@ -1,4 +1,5 @@
-"""The loop of a kopf status daemon: poll, wait, repeat; stop as soon as kopf's `stopped` flag is set.
+"""The loop of Federator's kopf daemons (status polls, resyncs): step, wait, repeat; stop as soon as
+kopf's `stopped` flag is set.
 
 Why not `await stopped.wait(interval)`: kopf runs that wait as a task of its own that ends with
 `TimeoutError` every time the interval passes. When the operator exits, kopf collects the tasks still
@@ -16,7 +17,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-Poll = Callable[[], Awaitable[None]]
+Step = Callable[[], Awaitable[None]]
 
 
 async def _flag_set(stopped: Any) -> None:
@@ -24,15 +25,17 @@ async def _flag_set(stopped: Any) -> None:
     await stopped.wait()
 
 
-async def _guarded(poll: Poll, *, logger: logging.Logger | Any, quiet: Callable[[], bool]) -> None:
-    """One poll whose task never ends with an error: failures are logged (a daemon outlives API hiccups)."""
+async def _guarded(step: Step, *, what: str, logger: logging.Logger | Any, quiet: Callable[[], bool]) -> bool:
+    """One step whose task never ends with an error: failures are logged (a daemon outlives API hiccups)."""
     try:
-        await poll()
+        await step()
     except asyncio.CancelledError:
         raise
     except Exception as exc:
         if not quiet():  # the operator is exiting and closed its sessions under us: nothing to report
-            logger.warning(f"status update failed: {type(exc).__name__}: {exc}")
+            logger.warning(f"{what} failed: {type(exc).__name__}: {exc}")
+        return False
+    return True
 
 
 async def _finish(*tasks: asyncio.Future[Any]) -> None:
@@ -41,28 +44,48 @@ async def _finish(*tasks: asyncio.Future[Any]) -> None:
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def status_loop(
-    poll: Poll, *, stopped: Any, interval: float, logger: logging.Logger | Any,
-    closing: Callable[[], bool] = lambda: False,
-) -> None:
-    """Run `poll()` every `interval` seconds until kopf sets `stopped` (or `closing()` turns true).
+async def _pause(flag: asyncio.Future[None], wake: asyncio.Event | None, timeout: float) -> None:
+    """Wait `timeout` seconds, or until the flag is set or `wake` is (never raises a timeout)."""
+    if wake is None:
+        await asyncio.wait({flag}, timeout=timeout)
+        return
+    woken = asyncio.ensure_future(wake.wait())
+    either: set[asyncio.Future[Any]] = {flag, woken}
+    try:
+        await asyncio.wait(either, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        await _finish(woken)
 
-    `closing()` turns true when the operator's cleanup has begun: its HTTP sessions are going away.
+
+async def daemon_loop(
+    step: Step, *, stopped: Any, interval: float, logger: logging.Logger | Any, what: str = "status update",
+    closing: Callable[[], bool] = lambda: False, wake: asyncio.Event | None = None, wait_first: bool = False,
+    retry_after: float | None = None,
+) -> None:
+    """Run `step()` every `interval` seconds until kopf sets `stopped` (or `closing()` turns true).
+
+    `wake`, when set, runs the next step at once (a change that asks for it; a change during a step runs
+    one more). `wait_first` waits before the first step; `retry_after` shortens the wait after a failed
+    step. `closing()` turns true when the operator's cleanup has begun: its HTTP sessions are going away.
     """
     def done() -> bool:
         return bool(stopped) or closing()
 
     flag = asyncio.ensure_future(_flag_set(stopped))
-    current: asyncio.Future[None] | None = None
+    current: asyncio.Future[bool] | None = None
     try:
+        if wait_first:
+            await _pause(flag, wake, interval)
         while not done():
-            current = asyncio.ensure_future(_guarded(poll, logger=logger, quiet=done))
+            if wake is not None:
+                wake.clear()
+            current = asyncio.ensure_future(_guarded(step, what=what, logger=logger, quiet=done))
             await asyncio.wait({current, flag}, return_when=asyncio.FIRST_COMPLETED)
             if not current.done():
-                break  # stopped in the middle of a poll: abandon it
-            current = None
+                break  # stopped in the middle of a step: abandon it
+            ok, current = current.result(), None
             if done():
                 break
-            await asyncio.wait({flag}, timeout=interval)  # never raises, creates no task of its own
+            await _pause(flag, wake, interval if ok or retry_after is None else min(interval, retry_after))
     finally:
         await _finish(flag, *([current] if current is not None else []))

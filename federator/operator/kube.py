@@ -3,14 +3,19 @@
 A small asyncio client over aiohttp. Credentials come from the `kubernetes` package's loaders (in-cluster
 service account first, then kubeconfig), so every authentication method it knows works here too.
 
-`apply()` is server-side apply (`fieldManager=federator`, `force=true`), preceded by a read: when the
-live object already has everything the desired manifest says, nothing is sent. So a second reconcile
-pass issues no mutating request at all, and a restarted operator adopts what exists without churn.
+`apply()` is server-side apply (`fieldManager=federator`, `force=true`), preceded by a read. Every applied
+object carries a hash of the manifest it was applied from (annotation `federator.dev/applied-hash`).
+Nothing is sent when the live object carries the hash of the desired manifest *and* still holds every
+field of it: so a second reconcile pass issues no mutating request at all, a restarted operator adopts
+what exists without churn, a field dropped from the desired manifest changes the hash (and server-side
+apply removes it from the cluster), and a field someone edited by hand is applied back.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
+import hashlib
 import json
 import logging
 import ssl
@@ -27,6 +32,7 @@ logger = logging.getLogger(__name__)
 FIELD_MANAGER = "federator"
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 MANAGED_BY = "federator"
+APPLIED_HASH_ANNOTATION = "federator.dev/applied-hash"
 
 # (apiVersion, kind) -> plural: the kinds Federator reads or writes; no discovery round-trips needed.
 PLURALS: dict[tuple[str, str], str] = {
@@ -101,6 +107,30 @@ def covers(live: Any, desired: Any) -> bool:
     if isinstance(desired, bool) or isinstance(live, bool):
         return live is desired
     return bool(live == desired)
+
+
+def applied_hash(manifest: Mapping[str, Any]) -> str:
+    """A hash of a desired manifest (its own applied-hash annotation left out)."""
+    bare = copy.deepcopy(dict(manifest))
+    annotations = (bare.get("metadata") or {}).get("annotations") or {}
+    annotations.pop(APPLIED_HASH_ANNOTATION, None)
+    if "metadata" in bare and not annotations:
+        bare["metadata"].pop("annotations", None)
+    return hashlib.sha256(json.dumps(bare, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:20]
+
+
+def with_applied_hash(manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """The manifest as applied: with the hash of itself in its annotations (the input is not changed)."""
+    out = copy.deepcopy(dict(manifest))
+    meta = out.setdefault("metadata", {})
+    meta["annotations"] = {**(meta.get("annotations") or {}), APPLIED_HASH_ANNOTATION: applied_hash(manifest)}
+    return out
+
+
+def is_current(live: Mapping[str, Any], desired: Mapping[str, Any]) -> bool:
+    """Whether `live` was applied from `desired` (same hash) and nobody has changed its fields since."""
+    annotations = (live.get("metadata") or {}).get("annotations") or {}
+    return annotations.get(APPLIED_HASH_ANNOTATION) == applied_hash(desired) and covers(live, desired)
 
 
 def is_managed(obj: Mapping[str, Any]) -> bool:
@@ -245,8 +275,9 @@ class Kube:
 
     # ------------------------------------------------------------------------------------- writing
 
-    async def apply(self, manifest: Mapping[str, Any]) -> ApplyOutcome:
-        """Server-side apply, skipped when the live object already matches; re-create on immutability."""
+    async def apply(self, desired: Mapping[str, Any]) -> ApplyOutcome:
+        """Server-side apply, skipped when the live object is current (see `is_current`); re-create on immutability."""
+        manifest = with_applied_hash(desired)
         api_version, kind = manifest["apiVersion"], manifest["kind"]
         meta = manifest["metadata"]
         live = await self.get(api_version, kind, meta["namespace"], meta["name"])
@@ -255,7 +286,7 @@ class Kube:
                 raise ForeignObjectError(
                     f"{kind} {meta['namespace']}/{meta['name']} exists and is not managed by Federator; "
                     f"rename or delete it")
-            if covers(live, manifest):
+            if is_current(live, manifest):
                 return "unchanged"
         try:
             await self._server_side_apply(manifest)

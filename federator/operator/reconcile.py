@@ -8,6 +8,7 @@ event, before any child exists); something not ready yet is `kopf.TemporaryError
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import datetime
 import logging
@@ -22,7 +23,7 @@ from pydantic import BaseModel, ValidationError
 from federator.api.crd import MAX_NAME_LENGTH
 from federator.api.manifest import format_validation_error
 from federator.api.models import API_VERSION, FederatedClient, Federation
-from federator.operator import children, secrets, status
+from federator.operator import children, drift, secrets, status
 from federator.operator.kube import ApiError, ForeignObjectError, Kube, covers, is_managed
 
 FILE_DATASETS = ("npz", "csv", "imagefolder")
@@ -38,6 +39,9 @@ class OperatorConfig:
     status_timeout: float = 5.0  # [FEDERATOR_STATUS_TIMEOUT]
     startup_grace: float = 180.0  # a new server may not answer for this long [FEDERATOR_STARTUP_GRACE]
     retry_delay: float = 15.0  # delay of TemporaryError retries [FEDERATOR_RETRY_DELAY]
+    # seconds between level-triggered passes over every object; a changed child wakes its owner's pass at
+    # once, so this only bounds what no watch event reports [FEDERATOR_RESYNC_INTERVAL]
+    resync_interval: float = 300.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorConfig:
@@ -49,6 +53,7 @@ class OperatorConfig:
             status_timeout=float(env.get("FEDERATOR_STATUS_TIMEOUT", base.status_timeout)),
             startup_grace=float(env.get("FEDERATOR_STARTUP_GRACE", base.startup_grace)),
             retry_delay=float(env.get("FEDERATOR_RETRY_DELAY", base.retry_delay)),
+            resync_interval=float(env.get("FEDERATOR_RESYNC_INTERVAL", base.resync_interval)),
         )
 
     def status_url(self, name: str, namespace: str, port: int) -> str:
@@ -226,45 +231,76 @@ async def _bound_clients(kube: Kube, namespace: str, federation: str) -> list[tu
     return sorted(out, key=lambda pair: pair[0].metadata.name)
 
 
-async def service_monitor_api(kube: Kube, memo: Any) -> bool:
-    cached = memo.get("service_monitor_api")
-    if cached is None:
-        cached = await kube.has_resource(children.SERVICE_MONITOR_API, "servicemonitors")
-        memo["service_monitor_api"] = cached
-    return bool(cached)
+async def service_monitor_api(kube: Kube, memo: Any, *, refresh: bool) -> bool:
+    """Whether the cluster serves ServiceMonitors (the Prometheus Operator may be installed later).
+
+    One answer for the whole operator, asked again on every resync pass (`refresh`).
+    """
+    apis = memo.setdefault("apis", {})
+    if refresh or children.SERVICE_MONITOR_API not in apis:
+        apis[children.SERVICE_MONITOR_API] = await kube.has_resource(children.SERVICE_MONITOR_API, "servicemonitors")
+    return bool(apis[children.SERVICE_MONITOR_API])
 
 
 def is_finished(raw_status: Mapping[str, Any] | None) -> bool:
     return (raw_status or {}).get("phase") in status.TERMINAL_PHASES
 
 
-async def apply_worker_pool(kube: Kube, fed: Federation, uid: str, *, finished: bool) -> None:
-    """Scale the worker pool for a federation that finished (to zero) or runs again (back to its spec)."""
-    desired = children.federation_children(fed, uid, service_monitor_api=False, finished=finished)
-    pool = {children.clients_name(fed.metadata.name)}
-    for manifest in desired.apply:
-        if manifest["kind"] in ("Deployment", "HorizontalPodAutoscaler") and manifest["metadata"]["name"] in pool:
-            await kube.apply(manifest)
-    for ref in desired.prune:
-        if ref.kind == "HorizontalPodAutoscaler":
-            await kube.delete_if_managed(ref.api_version, ref.kind, ref.namespace, ref.name)
+async def ensure_worker_floor(kube: Kube, fed: Federation) -> bool:
+    """An autoscaled worker pool of a running federation never stays at zero: an HPA cannot scale up from
+    zero (it stops acting), so a pool at zero (after a finished run resumes, or `kubectl scale --replicas=0`)
+    restarts at minReplicas and the HPA takes it from there. True when it patched."""
     auto = fed.spec.clients.autoscaling
-    if not finished and auto.enabled:
-        # the applied Deployment leaves `replicas` to the HPA, and an HPA never scales up from zero
-        pool_name = children.clients_name(fed.metadata.name)
-        await kube.merge_patch("apps/v1", "Deployment", fed.metadata.namespace, pool_name,
-                               {"spec": {"replicas": max(1, auto.minReplicas)}})
+    name, ns = children.clients_name(fed.metadata.name), fed.metadata.namespace
+    pool = await kube.get("apps/v1", "Deployment", ns, name)
+    if pool is None or int((pool.get("spec") or {}).get("replicas", 1)) >= 1:
+        return False
+    await kube.merge_patch("apps/v1", "Deployment", ns, name, {"spec": {"replicas": max(1, auto.minReplicas)}})
+    return True
+
+
+def nudge(memo: Any, uid: str) -> bool:
+    """Wake the resync daemon of the object with this uid (False when it has none running)."""
+    nudges: drift.Nudges | None = memo.get("nudges")
+    return nudges is not None and nudges.nudge(uid)
+
+
+def child_changed(memo: Any, body: Mapping[str, Any], event_type: str | None) -> list[str]:
+    """A watch event on a child: wake its owner's resync when the child was deleted or changed.
+
+    `memo` is the child's own (kopf keeps one per object), so it remembers the child's last fingerprint.
+    Returns the uids of the owners woken.
+    """
+    current = drift.fingerprint(body)
+    last = memo.get("fingerprint")
+    memo["fingerprint"] = current
+    if not drift.wanted(event_type, last, current):
+        return []
+    return [uid for uid in drift.owner_uids(body) if nudge(memo, uid)]
+
+
+def _being_deleted(body: Mapping[str, Any]) -> bool:
+    return bool((body.get("metadata") or {}).get("deletionTimestamp"))
 
 
 async def reconcile_federation(
-    *, kube: Kube, config: OperatorConfig, body: kopf.Body, memo: Any, logger: logging.Logger | Any
+    *, kube: Kube, config: OperatorConfig, body: kopf.Body, memo: Any, logger: logging.Logger | Any,
+    resync: bool = False,
 ) -> None:
-    """Make every child of a Federation match its spec (level-triggered: safe to run any time)."""
+    """Make every child of a Federation match its spec (level-triggered: safe to run any time).
+
+    `resync`: a pass of the resync daemon (periodic, or woken by a changed child). It re-asks which APIs
+    the cluster serves, and leaves an invalid spec to the change handlers, which report it.
+    """
     name, ns, uid, generation = _identity(body)
+    if resync and _being_deleted(body):
+        return
     async with _status_lock(memo):
         try:
             fed = parse_federation(body)
         except InvalidSpec as exc:
+            if resync:
+                return
             message = str(exc)
             new = status.federation_invalid(
                 _current_status(memo, body), message, generation=generation, now=utcnow())
@@ -273,10 +309,11 @@ async def reconcile_federation(
             raise kopf.PermanentError(f"invalid spec: {message}") from None
 
         silos = await _bound_clients(kube, ns, name)
+        finished = is_finished(_current_status(memo, body))
         try:
             await ensure_credentials(kube, fed, uid, [c.metadata.name for c, _ in silos], prune=True)
-            desired = children.federation_children(fed, uid, service_monitor_api=await service_monitor_api(kube, memo),
-                                                   finished=is_finished(_current_status(memo, body)))
+            monitor_api = await service_monitor_api(kube, memo, refresh=resync)
+            desired = children.federation_children(fed, uid, service_monitor_api=monitor_api, finished=finished)
             outcomes = [await kube.apply(manifest) for manifest in desired.apply]
             for client, client_uid in silos:
                 owner = children.client_owner(client, client_uid)
@@ -285,11 +322,13 @@ async def reconcile_federation(
                 ref for ref in desired.prune
                 if await kube.delete_if_managed(ref.api_version, ref.kind, ref.namespace, ref.name)
             ]
+            floored = (not finished and fed.spec.clients.autoscaling.enabled
+                       and await ensure_worker_floor(kube, fed))
         except ForeignObjectError as exc:
             kopf.warn(body, reason="NameConflict", message=str(exc))
             raise kopf.TemporaryError(str(exc), delay=config.retry_delay) from None
 
-        changed = sum(o != "unchanged" for o in outcomes)
+        changed = sum(o != "unchanged" for o in outcomes) + int(floored)
         if changed or pruned:
             logger.info(f"applied {changed} of {len(outcomes)} children, pruned {len(pruned)}")
             kopf.info(body, reason="Reconciled",
@@ -345,8 +384,8 @@ async def poll_federation(
             new = status.federation_unreachable(current, error or "no answer", now=now, starting=starting,
                                                 bad_report=bad)
         written = await write_status(kube, memo, body, new, kind="Federation")
-        if written is not None and is_finished(written[0]) != is_finished(written[1]):
-            await apply_worker_pool(kube, fed, _identity(body)[2], finished=is_finished(written[1]))
+    if written is not None and is_finished(written[0]) != is_finished(written[1]):
+        nudge(memo, _identity(body)[2])  # the worker pool goes to zero, or back: the resync pass does it
     if written is not None:
         _post(body, status.federation_events(*written))
 
@@ -355,10 +394,25 @@ async def poll_federation(
 
 
 async def reconcile_client(
-    *, kube: Kube, config: OperatorConfig, body: kopf.Body, memo: Any, logger: logging.Logger | Any
+    *, kube: Kube, config: OperatorConfig, body: kopf.Body, memo: Any, logger: logging.Logger | Any,
+    resync: bool = False,
 ) -> None:
-    """A FederatedClient's Deployment, bound to its Federation's server, token and config."""
+    """A FederatedClient's Deployment, bound to its Federation's server, token and config.
+
+    `resync`: a pass of the resync daemon; an invalid spec or a missing Federation is left to the change
+    handlers (which report it and retry).
+    """
     name, ns, uid, generation = _identity(body)
+    if resync and _being_deleted(body):
+        return
+    if resync:
+        try:
+            parse_client(body)
+        except InvalidSpec:
+            return
+        with contextlib.suppress(kopf.TemporaryError):  # waiting for its Federation: its handler retries
+            await reconcile_client(kube=kube, config=config, body=body, memo=memo, logger=logger)
+        return
     async with _status_lock(memo):
         try:
             client = parse_client(body)

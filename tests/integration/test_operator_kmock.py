@@ -22,6 +22,7 @@ from tests.integration.conftest import (
     FakeServers,
     OperatorRunner,
     eventually,
+    install_service_monitors,
     server_report,
     settle,
     writes,
@@ -94,7 +95,9 @@ def events(api: ApiServer, name: str) -> list[dict[str, Any]]:
 
 
 def child_requests(api: ApiServer, since: int = 0) -> list[Any]:
-    return [r for r in list(api)[since:] if r.resource is not None and r.resource.plural in CHILD_PLURALS]
+    """Requests about one child each (kopf's lists and watches of every child kind left out)."""
+    return [r for r in list(api)[since:] if r.resource is not None and r.resource.plural in CHILD_PLURALS
+            and not (r.method == "GET" and r.name is None)]
 
 
 def status_writes(api: ApiServer, since: int = 0) -> list[Any]:
@@ -286,33 +289,45 @@ async def test_the_server_status_drives_the_federation_status(
     assert condition(live(kube_api, FEDS, "demo"), "Progressing")["reason"] == "Completed"
 
 
-async def test_a_finished_federation_scales_its_worker_pool_to_zero_and_back_when_it_runs_again(
+async def test_a_finished_federation_scales_its_worker_pool_to_zero_and_back_through_a_failed_call(
     kube_api: ApiServer, run_operator: OperatorRunner, status_servers: FakeServers
 ) -> None:
-    auto = {"autoscaling": {"enabled": True, "minReplicas": 1, "maxReplicas": 4}}
+    auto = {"autoscaling": {"enabled": True, "minReplicas": 2, "maxReplicas": 4}}
     spec = federation(clients={"count": 10, "perRound": 8, "workers": 2, **auto})
+    pool_path = f"/apis/apps/v1/namespaces/{NS}/deployments/demo-clients"
+
+    def replicas() -> int:
+        return int(must(kube_api, "apps/v1/deployments", "demo-clients")["spec"]["replicas"])
+
     status_servers.set("demo", server_report("demo", phase="Running", round=3))
     async with run_operator():
         await create(kube_api, FEDS_URL, spec)
         await eventually(lambda: live(kube_api, "autoscaling/v2/horizontalpodautoscalers", "demo-clients"))
-        pool = must(kube_api, "apps/v1/deployments", "demo-clients")
-        assert "replicas" not in pool["spec"]  # the HPA owns it while the federation runs
-        uid = pool["metadata"]["uid"]
+        assert "replicas" not in kube_api.last_applied[pool_path]["spec"]  # the HPA owns it while the federation runs
+        uid = must(kube_api, "apps/v1/deployments", "demo-clients")["metadata"]["uid"]
 
         status_servers.set("demo", server_report("demo", phase="Succeeded", round=15))
-        await eventually(lambda: must(kube_api, "apps/v1/deployments", "demo-clients")["spec"].get("replicas") == 0,
-                         message="worker pool at zero")
+        await eventually(lambda: replicas() == 0, message="worker pool at zero")
         await eventually(lambda: live(kube_api, "autoscaling/v2/horizontalpodautoscalers", "demo-clients") is None,
                          message="HPA gone (it cannot hold zero)")
         assert live(kube_api, "apps/v1/statefulsets", "demo-server") is not None  # the server keeps the result
+        await settle(kube_api)
 
-        # rounds raised after the end: the server resumes and runs again, and so does the pool
+        # rounds raised after the end: the server resumes and runs again, and so does the pool, even though
+        # the first write to the pool fails (the next level-triggered pass makes it true)
+        kube_api.fail_next("PATCH", pool_path)
         status_servers.set("demo", server_report("demo", phase="Running", round=15, rounds=30))
         await eventually(lambda: live(kube_api, "autoscaling/v2/horizontalpodautoscalers", "demo-clients"),
                          message="HPA back")
+        await eventually(lambda: replicas() >= 1, message="the pool is off zero")
+        assert kube_api.failures_left("PATCH", pool_path) == 0, "the injected failure was not hit"
         await settle(kube_api)
-        # an HPA never scales up from zero: the pool restarts at minReplicas and the HPA takes it from there
-        assert must(kube_api, "apps/v1/deployments", "demo-clients")["spec"]["replicas"] == 1
+
+        # `kubectl scale --replicas=0` while it runs: an HPA never scales up from zero, so the pass restarts
+        # the pool at minReplicas and the HPA takes it from there
+        await patch(kube_api, pool_path, {"spec": {"replicas": 0}})
+        await eventually(lambda: replicas() == 2, message="the pool restarts at minReplicas")
+        await settle(kube_api)
     assert must(kube_api, "apps/v1/deployments", "demo-clients")["metadata"]["uid"] == uid  # patched, not recreated
 
 
@@ -360,6 +375,127 @@ async def test_deleting_a_federation_stops_its_status_and_releases_it(
         await create(kube_api, FEDS_URL, federation("other"))  # and the operator still works
         await eventually(lambda: live(kube_api, "apps/v1/statefulsets", "other-server"))
         await settle(kube_api)
+
+
+# ------------------------------------------------------------------------------------- drift repair
+
+
+def url_of(resource: str, name: str) -> str:
+    group_version, plural = resource.rsplit("/", 1)
+    root = "api" if group_version == "v1" else "apis"
+    return f"/{root}/{group_version}/namespaces/{NS}/{plural}/{name}"
+
+
+def discovery_reads(api: ApiServer) -> int:
+    """How often the operator asked whether the cluster serves ServiceMonitors (once per resync pass)."""
+    return sum(r.method == "GET" and r.url.path == "/apis/monitoring.coreos.com/v1" for r in api)
+
+
+def first_container(obj: dict[str, Any]) -> dict[str, Any]:
+    return dict(obj["spec"]["template"]["spec"]["containers"][0])
+
+
+# (resource, name, a merge patch a person might apply by hand, what it changes)
+HAND_EDITS: list[tuple[str, str, dict[str, Any], Any]] = [
+    ("v1/configmaps", "demo-config", {"data": {"federation.yaml": "rounds: 1\n"}}, lambda o: o["data"]),
+    ("v1/secrets", "demo-credentials", {"data": {"tokens": None}}, lambda o: sorted(o["data"])),
+    ("v1/services", "demo-server", {"spec": {"type": "NodePort"}}, lambda o: o["spec"]["type"]),
+    ("apps/v1/statefulsets", "demo-server", {"spec": {"replicas": 3}}, lambda o: o["spec"]["replicas"]),
+    ("apps/v1/deployments", "demo-clients", {"spec": {"template": {"metadata": {"annotations": {
+        "federator.dev/config-hash": "edited"}}}}}, lambda o: o["spec"]["template"]["metadata"]["annotations"]),
+    ("autoscaling/v2/horizontalpodautoscalers", "demo-clients", {"spec": {"maxReplicas": 50}},
+     lambda o: o["spec"]["maxReplicas"]),
+    ("policy/v1/poddisruptionbudgets", "demo-clients", {"spec": {"maxUnavailable": 5}},
+     lambda o: o["spec"]["maxUnavailable"]),
+    ("networking.k8s.io/v1/networkpolicies", "demo-server", {"spec": {"policyTypes": ["Egress"]}},
+     lambda o: o["spec"]["policyTypes"]),
+    ("monitoring.coreos.com/v1/servicemonitors", "demo-server", {"spec": {"endpoints": []}},
+     lambda o: o["spec"]["endpoints"]),
+    ("apps/v1/deployments", "hospital-a-silo", {"spec": {"replicas": 5}}, lambda o: o["spec"]["replicas"]),
+]
+
+
+async def test_every_kind_of_child_deleted_or_edited_by_hand_is_restored(
+    kube_api: ApiServer, run_operator: OperatorRunner, status_servers: FakeServers
+) -> None:
+    """Repaired through the watches on children (the periodic resync is an hour away here)."""
+    install_service_monitors(kube_api)
+    status_servers.set("demo", server_report("demo"))
+    auto = {"autoscaling": {"enabled": True, "minReplicas": 1, "maxReplicas": 4}}
+    async with run_operator(resync_interval=3600.0):
+        await create(kube_api, FEDS_URL, federation(clients={"count": 10, "perRound": 8, **auto}))
+        await create(kube_api, FEDCS_URL, federated_client())
+        await eventually(lambda: all(live(kube_api, r, n) for r, n, _, _ in HAND_EDITS), message="every child")
+        await settle(kube_api)
+        before = {(r, n): must(kube_api, r, n) for r, n, _, _ in HAND_EDITS}
+        views = {(r, n): view for r, n, _, view in HAND_EDITS}
+
+        def now_as_before(key: tuple[str, str]) -> bool:
+            obj = live(kube_api, *key)
+            return obj is not None and views[key](obj) == views[key](before[key])
+
+        for resource, name, edit, _ in HAND_EDITS:  # all at once: repairs coalesce into a few passes
+            await patch(kube_api, url_of(resource, name), edit)
+            assert not now_as_before((resource, name)), f"the edit of {resource} changed nothing"
+        await eventually(lambda: [key for key in before if not now_as_before(key)] == [], timeout=30,
+                         message="every child edited by hand is restored")
+
+        for resource, name, _, _ in HAND_EDITS:
+            resp = await kube_api.delete(url_of(resource, name))
+            assert resp.status < 300
+
+        def recreated(key: tuple[str, str]) -> bool:
+            obj = live(kube_api, *key)
+            return obj is not None and obj["metadata"]["uid"] != before[key]["metadata"]["uid"]
+
+        await eventually(lambda: [key for key in before if not recreated(key)] == [], timeout=30,
+                         message="every child deleted by hand is re-created")
+        for key, old in before.items():
+            restored = must(kube_api, *key)
+            assert restored["metadata"]["ownerReferences"] == old["metadata"]["ownerReferences"]
+            if key[0] != "v1/secrets":  # (a re-created Secret holds new credentials)
+                assert now_as_before(key), f"{key} came back different"
+        await settle(kube_api)
+    about_children = [e for e in (r.data for r in kube_api if r.resource is not None and r.method == "POST"
+                                  and r.resource.plural == "events")
+                      if e["involvedObject"]["kind"] not in ("Federation", "FederatedClient")]
+    assert about_children == []  # watching children posts nothing about them
+
+
+async def test_a_field_dropped_from_the_spec_is_removed_from_the_child(
+    kube_api: ApiServer, run_operator: OperatorRunner, status_servers: FakeServers
+) -> None:
+    status_servers.set("demo", server_report("demo"))
+    limited = {"template": {"resources": {"requests": {"cpu": "1"}, "limits": {"memory": "1Gi"}}}}
+    async with run_operator():
+        await create(kube_api, FEDS_URL, federation(server=limited))
+        sts = await eventually(lambda: live(kube_api, "apps/v1/statefulsets", "demo-server"))
+        assert first_container(sts)["resources"] == {"requests": {"cpu": "1"}, "limits": {"memory": "1Gi"}}
+        await patch(kube_api, f"{FEDS_URL}/demo", {"spec": {"server": {"template": {"resources": {"limits": None}}}}})
+        await eventually(lambda: first_container(must(kube_api, "apps/v1/statefulsets", "demo-server"))["resources"]
+                         == {"requests": {"cpu": "1"}}, message="limits removed from the StatefulSet")
+        await settle(kube_api)
+
+
+async def test_a_resync_creates_the_service_monitor_once_its_api_appears(
+    kube_api: ApiServer, run_operator: OperatorRunner, status_servers: FakeServers
+) -> None:
+    status_servers.set("demo", server_report("demo"))
+    async with run_operator(resync_interval=0.5):
+        await create(kube_api, FEDS_URL, federation())
+        await eventually(lambda: all(live(kube_api, r, n) for r, n in CHILDREN), message="children")
+        await settle(kube_api)
+        assert live(kube_api, "monitoring.coreos.com/v1/servicemonitors", "demo-server") is None
+        install_service_monitors(kube_api)  # the Prometheus Operator is installed after the Federation
+        monitor = await eventually(lambda: live(kube_api, "monitoring.coreos.com/v1/servicemonitors", "demo-server"),
+                                   message="the ServiceMonitor after a resync")
+        assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
+        await settle(kube_api)
+        since_writes = len(writes(kube_api))
+        since = discovery_reads(kube_api)
+        await eventually(lambda: discovery_reads(kube_api) >= since + 2, message="two more resync passes")
+        assert [r for r in writes(kube_api)[since_writes:]
+                if r.resource is not None and r.resource.plural in CHILD_PLURALS] == []  # they found nothing to do
 
 
 # ------------------------------------------------------------------------------------ federated client
@@ -446,8 +582,13 @@ async def test_kube_applies_once_and_never_touches_foreign_objects(kube_api: Api
         assert await kube.apply(cm) == "applied"
         assert await kube.apply(cm) == "unchanged"
         assert kube.requests == {"GET": 2, "PATCH": 1}
-        assert await kube.apply({**cm, "data": {"a": "2"}}) == "applied"
-        assert must(kube_api, "v1/configmaps", "x")["data"] == {"a": "2"}
+        assert await kube.apply({**cm, "data": {"a": "2", "b": "3"}}) == "applied"
+        assert must(kube_api, "v1/configmaps", "x")["data"] == {"a": "2", "b": "3"}
+        assert await kube.apply({**cm, "data": {"a": "2"}}) == "applied"  # a dropped field is applied too...
+        assert must(kube_api, "v1/configmaps", "x")["data"] == {"a": "2"}  # ...and server-side apply removes it
+        await patch(kube_api, f"/api/v1/namespaces/{NS}/configmaps/x", {"data": {"a": "by hand"}})
+        assert await kube.apply({**cm, "data": {"a": "2"}}) == "applied"  # drift is applied back
+        assert await kube.apply({**cm, "data": {"a": "2"}}) == "unchanged"
 
         await create(kube_api, f"/api/v1/namespaces/{NS}/configmaps",
                      {"metadata": {"name": "theirs", "namespace": NS}, "data": {"b": "1"}})

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from kopf._core.intents.stoppers import DaemonStopper, DaemonStoppingReason
 
-from federator.operator.daemon import status_loop
+from federator.operator.daemon import daemon_loop
 
 pytestmark = pytest.mark.asyncio
 BOUND = 30.0  # generous: only a hang reaches it
@@ -40,7 +40,7 @@ async def test_a_sleeping_daemon_leaves_no_task_that_fails_and_stops_on_the_flag
             polled.set()
 
     before = others()
-    loop = asyncio.ensure_future(status_loop(poll, stopped=stopper.async_waiter, interval=0.01, logger=log))
+    loop = asyncio.ensure_future(daemon_loop(poll, stopped=stopper.async_waiter, interval=0.01, logger=log))
     await asyncio.wait_for(polled.wait(), BOUND)
     seen = others() - before - {loop}  # what the loop runs while it waits between polls
     assert seen, "the loop waits on the flag in a task"
@@ -66,7 +66,7 @@ async def test_a_poll_in_flight_is_abandoned_when_the_flag_is_set() -> None:
             raise
 
     before = others()
-    loop = asyncio.ensure_future(status_loop(hanging_poll, stopped=stopper.async_waiter, interval=60.0, logger=log))
+    loop = asyncio.ensure_future(daemon_loop(hanging_poll, stopped=stopper.async_waiter, interval=60.0, logger=log))
     await asyncio.wait_for(started.wait(), BOUND)
     stopper.set(reason=DaemonStoppingReason.RESOURCE_DELETED)
     await asyncio.wait_for(loop, BOUND)  # returns by itself: kopf never has to cancel it
@@ -83,7 +83,7 @@ async def test_a_failing_poll_is_logged_and_polling_goes_on(caplog: pytest.LogCa
         if calls == 1:
             raise ConnectionResetError("the API server went away")
 
-    loop = asyncio.ensure_future(status_loop(flaky_poll, stopped=stopper.async_waiter, interval=0.01, logger=log))
+    loop = asyncio.ensure_future(daemon_loop(flaky_poll, stopped=stopper.async_waiter, interval=0.01, logger=log))
     await asyncio.wait_for(_until(lambda: calls >= 3), BOUND)
     stopper.set(reason=DaemonStoppingReason.OPERATOR_EXITING)
     await asyncio.wait_for(loop, BOUND)
@@ -104,7 +104,7 @@ async def test_a_loop_cancelled_by_kopf_cancels_its_poll() -> None:
             raise
 
     before = others()
-    loop = asyncio.ensure_future(status_loop(hanging_poll, stopped=stopper.async_waiter, interval=60.0, logger=log))
+    loop = asyncio.ensure_future(daemon_loop(hanging_poll, stopped=stopper.async_waiter, interval=60.0, logger=log))
     await asyncio.wait_for(started.wait(), BOUND)
     loop.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -115,3 +115,30 @@ async def test_a_loop_cancelled_by_kopf_cancels_its_poll() -> None:
 async def _until(check: Any) -> None:
     while not check():
         await asyncio.sleep(0.005)
+
+
+async def test_a_wake_runs_the_next_step_at_once_and_a_failed_step_is_retried_sooner() -> None:
+    stopper = DaemonStopper()
+    wake = asyncio.Event()
+    steps: list[str] = []
+    fail_once = True
+
+    async def step() -> None:
+        nonlocal fail_once
+        steps.append("step")
+        if fail_once:
+            fail_once = False
+            raise RuntimeError("the API answered 500")
+
+    loop = asyncio.ensure_future(daemon_loop(step, stopped=stopper.async_waiter, interval=3600.0, logger=log,
+                                             wake=wake, wait_first=True, retry_after=0.01, what="resync"))
+    await asyncio.sleep(0.05)
+    assert steps == []  # it waits first (the create handler has just reconciled)
+    wake.set()
+    await asyncio.wait_for(_until(lambda: len(steps) == 2), BOUND)  # woken; failed; retried after 0.01 s
+    await asyncio.sleep(0.05)
+    assert len(steps) == 2 and not wake.is_set()  # then back to the hour-long interval
+    wake.set()
+    await asyncio.wait_for(_until(lambda: len(steps) == 3), BOUND)
+    stopper.set(reason=DaemonStoppingReason.OPERATOR_EXITING)
+    await asyncio.wait_for(loop, BOUND)
