@@ -374,6 +374,12 @@ class CheckpointSpec(Strict):
     enabled: bool = True
     size: Annotated[str, Field(pattern=QUANTITY_PATTERN)] = "1Gi"
     storageClassName: str | None = None
+    whenDeleted: Annotated[
+        Literal["Retain", "Delete"],
+        Field(description="The checkpoint volume when the Federation is deleted: Retain keeps it "
+                          "(a Federation of the same name resumes from it; delete the claim by hand to start "
+                          "over), Delete deletes it with every completed round."),
+    ] = "Retain"
 
 
 class ServerSpec(Strict):

@@ -50,9 +50,11 @@ PLURALS: dict[tuple[str, str], str] = {
     (API_VERSION, "FederatedClient"): "federatedclients",
 }
 
-# Kinds whose immutable fields (a StatefulSet's volumeClaimTemplates, a selector) may only change by
-# deleting and re-creating the object.
-RECREATE_ON_IMMUTABLE = {"StatefulSet", "Deployment", "PodDisruptionBudget"}
+# Stateless kinds whose immutable fields (a selector) may only change by deleting and re-creating them.
+RECREATE_ON_IMMUTABLE = {"Deployment", "PodDisruptionBudget"}
+# Kinds that hold the checkpoint: never deleted by the operator, for any reason (an immutable-field change
+# is refused instead; see immutable.py), so no request of this client can lose a completed round.
+NEVER_DELETED = {"StatefulSet", "PersistentVolumeClaim"}
 
 ApplyOutcome = Literal["unchanged", "applied", "recreated"]
 
@@ -65,6 +67,16 @@ class ApiError(Exception):
         self.status = status
         self.reason = reason
         self.message = message
+
+
+class ImmutableFieldError(Exception):
+    """The API server refused (422) a change to a kind that is never deleted to apply a change."""
+
+    def __init__(self, kind: str, name: str, reason: str) -> None:
+        super().__init__(f"{kind} {name}: {reason}")
+        self.kind = kind
+        self.name = name
+        self.reason = reason
 
 
 class ForeignObjectError(Exception):
@@ -276,7 +288,10 @@ class Kube:
     # ------------------------------------------------------------------------------------- writing
 
     async def apply(self, desired: Mapping[str, Any]) -> ApplyOutcome:
-        """Server-side apply, skipped when the live object is current (see `is_current`); re-create on immutability."""
+        """Server-side apply, skipped when the live object is current (see `is_current`).
+
+        A 422 (an immutable field) re-creates a stateless kind and raises ImmutableFieldError for the others.
+        """
         manifest = with_applied_hash(desired)
         api_version, kind = manifest["apiVersion"], manifest["kind"]
         meta = manifest["metadata"]
@@ -291,6 +306,8 @@ class Kube:
         try:
             await self._server_side_apply(manifest)
         except ApiError as exc:
+            if exc.status == 422 and kind in NEVER_DELETED and live is not None:
+                raise ImmutableFieldError(kind, meta["name"], exc.message) from None
             if exc.status != 422 or kind not in RECREATE_ON_IMMUTABLE or live is None:
                 raise
             logger.info("re-creating %s %s/%s: %s", kind, meta["namespace"], meta["name"], exc.message)
@@ -341,7 +358,9 @@ class Kube:
         return result
 
     async def delete(self, api_version: str, kind: str, namespace: str, name: str) -> bool:
-        """Delete (background propagation); False if it was not there."""
+        """Delete (background propagation); False if it was not there. Never a kind in NEVER_DELETED."""
+        if kind in NEVER_DELETED:
+            raise ValueError(f"Federator never deletes a {kind} ({namespace}/{name}): it may hold the checkpoint")
         try:
             await self.request(
                 "DELETE",

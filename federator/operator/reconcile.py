@@ -23,8 +23,16 @@ from pydantic import BaseModel, ValidationError
 from federator.api.crd import MAX_NAME_LENGTH
 from federator.api.manifest import format_validation_error
 from federator.api.models import API_VERSION, FederatedClient, Federation
-from federator.operator import children, drift, secrets, status
-from federator.operator.kube import ApiError, ForeignObjectError, Kube, covers, is_managed
+from federator.operator import children, drift, immutable, secrets, status
+from federator.operator.kube import (
+    NEVER_DELETED,
+    ApiError,
+    ForeignObjectError,
+    ImmutableFieldError,
+    Kube,
+    covers,
+    is_managed,
+)
 
 FILE_DATASETS = ("npz", "csv", "imagefolder")
 
@@ -279,6 +287,35 @@ def child_changed(memo: Any, body: Mapping[str, Any], event_type: str | None) ->
     return [uid for uid in drift.owner_uids(body) if nudge(memo, uid)]
 
 
+async def find_refusal(kube: Kube, fed: Federation, desired: children.Desired) -> immutable.Refusal | None:
+    """A change to the server StatefulSet that the cluster cannot apply in place (checked before any apply)."""
+    for manifest in desired.apply:
+        if manifest["kind"] == "StatefulSet":
+            meta = manifest["metadata"]
+            live = await kube.get("apps/v1", "StatefulSet", meta["namespace"], meta["name"])
+            if live is not None and is_managed(live):
+                refusal = immutable.refuse_statefulset_change(fed, live, manifest)
+                if refusal is not None:
+                    return refusal
+    for ref in desired.prune:
+        if ref.kind == "StatefulSet":
+            live = await kube.get(ref.api_version, ref.kind, ref.namespace, ref.name)
+            if live is not None and is_managed(live):
+                return immutable.refuse_checkpoint_removal(fed)
+    return None
+
+
+async def refuse(
+    kube: Kube, memo: Any, body: kopf.Body, refusal: immutable.Refusal, *, generation: int | None, resync: bool
+) -> None:
+    """Report a refused change: Ready=False, reason=ImmutableField and a Warning event (once per change)."""
+    new = status.federation_refused(_current_status(memo, body), refusal.message, generation=generation, now=utcnow())
+    if await write_status(kube, memo, body, new, kind="Federation") is not None:
+        kopf.warn(body, reason=status.IMMUTABLE_FIELD, message=refusal.message)
+    if not resync:
+        raise kopf.PermanentError(f"refused: {refusal.message}")
+
+
 def _being_deleted(body: Mapping[str, Any]) -> bool:
     return bool((body.get("metadata") or {}).get("deletionTimestamp"))
 
@@ -314,19 +351,27 @@ async def reconcile_federation(
             await ensure_credentials(kube, fed, uid, [c.metadata.name for c, _ in silos], prune=True)
             monitor_api = await service_monitor_api(kube, memo, refresh=resync)
             desired = children.federation_children(fed, uid, service_monitor_api=monitor_api, finished=finished)
+            refusal = await find_refusal(kube, fed, desired)
+            if refusal is not None:  # nothing of this spec is applied: the run goes on as it was
+                await refuse(kube, memo, body, refusal, generation=generation, resync=resync)
+                return
             outcomes = [await kube.apply(manifest) for manifest in desired.apply]
             for client, client_uid in silos:
                 owner = children.client_owner(client, client_uid)
                 outcomes.append(await kube.apply(children.silo_deployment(client, owner, fed)))
             pruned = [
-                ref for ref in desired.prune
-                if await kube.delete_if_managed(ref.api_version, ref.kind, ref.namespace, ref.name)
+                ref for ref in desired.prune if ref.kind not in NEVER_DELETED
+                and await kube.delete_if_managed(ref.api_version, ref.kind, ref.namespace, ref.name)
             ]
             floored = (not finished and fed.spec.clients.autoscaling.enabled
                        and await ensure_worker_floor(kube, fed))
         except ForeignObjectError as exc:
             kopf.warn(body, reason="NameConflict", message=str(exc))
             raise kopf.TemporaryError(str(exc), delay=config.retry_delay) from None
+        except ImmutableFieldError as exc:  # a 422 that find_refusal did not foresee
+            rejected = immutable.refuse_api_rejection(fed, exc.kind, exc.name, exc.reason)
+            await refuse(kube, memo, body, rejected, generation=generation, resync=resync)
+            return
 
         changed = sum(o != "unchanged" for o in outcomes) + int(floored)
         if changed or pruned:

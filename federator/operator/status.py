@@ -7,7 +7,7 @@ The caller writes the status only when `changed()` says so.
 Conditions (type / meaning):
   Ready        the Federation serves: children applied and the server answers (False with the reason why)
   Progressing  rounds are being trained (False once finished, failed or invalid)
-  Degraded     something needs a person: an invalid spec, a failed run, an unreachable server
+  Degraded     something needs a person: an invalid spec, a refused change, a failed run, an unreachable server
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ ConditionStatus = Literal["True", "False", "Unknown"]
 
 # Reasons (CamelCase, as Kubernetes conditions use them).
 INVALID_SPEC = "InvalidSpec"
+IMMUTABLE_FIELD = "ImmutableField"
 DEPLOYING = "Deploying"
 SERVER_STARTING = "ServerStarting"
 SERVER_READY = "ServerReady"
@@ -203,6 +204,25 @@ def federation_invalid(
     return st.model_copy(update={"observedGeneration": generation, "conditions": conditions})
 
 
+def federation_refused(
+    raw: Mapping[str, Any] | None, message: str, *, generation: int | None, now: str
+) -> FederationStatus:
+    """A spec change the cluster cannot apply in place: none of it was applied, the run goes on as it was.
+
+    `observedGeneration` stays at the last generation applied; the conditions name the one refused.
+    """
+    st = load_federation_status(raw)
+    conditions = _apply(st.conditions, {
+        "Ready": ("False", IMMUTABLE_FIELD, message),
+        "Degraded": ("True", IMMUTABLE_FIELD, message),
+    }, now=now, generation=generation)
+    return st.model_copy(update={"conditions": conditions})
+
+
+def is_refused(raw: Mapping[str, Any] | None) -> bool:
+    return (condition(raw, "Ready") or {}).get("reason") == IMMUTABLE_FIELD
+
+
 def federation_deployed(
     raw: Mapping[str, Any] | None, *, generation: int | None, rounds: int, now: str
 ) -> FederationStatus:
@@ -210,7 +230,7 @@ def federation_deployed(
     st = load_federation_status(raw)
     values: dict[str, tuple[ConditionStatus, str, str]] = {}
     ready = condition(dump(st), "Ready")
-    if ready is None or ready.get("reason") in (INVALID_SPEC, None):
+    if ready is None or ready.get("reason") in (INVALID_SPEC, IMMUTABLE_FIELD, None):
         values["Ready"] = ("False", DEPLOYING, "children applied; waiting for the server to report")
         values["Progressing"] = ("True", DEPLOYING, "starting the server and the clients")
         values["Degraded"] = ("False", AS_EXPECTED, "")
@@ -253,6 +273,8 @@ def federation_observed(raw: Mapping[str, Any] | None, report: ServerReport, *, 
             "Progressing": ("False", TRAINING_FAILED, reason),
             "Degraded": ("True", TRAINING_FAILED, reason),
         }
+    if is_refused(dump(st)):  # the refusal stands until a pass applies the spec: only progress moves
+        values = {k: v for k, v in values.items() if k == "Progressing"}
     return st.model_copy(update={
         "phase": report.phase,
         "round": report.round,
@@ -278,7 +300,7 @@ def federation_unreachable(
     left alone: its server may be gone on purpose.
     """
     st = load_federation_status(raw)
-    if st.phase in TERMINAL_PHASES:
+    if st.phase in TERMINAL_PHASES or is_refused(dump(st)):
         return st
     gen = st.observedGeneration
     reason = BAD_SERVER_STATUS if bad_report else SERVER_UNREACHABLE
@@ -310,7 +332,7 @@ def federation_events(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> 
         events.append(Event(kind, new_phase, msg))
     old_deg, new_deg = condition(old, "Degraded"), condition(new, "Degraded")
     if new_deg is not None and (old_deg or {}).get("status") != new_deg["status"]:
-        if new_deg["status"] == "True" and new_deg["reason"] != INVALID_SPEC:
+        if new_deg["status"] == "True" and new_deg["reason"] not in (INVALID_SPEC, IMMUTABLE_FIELD):
             events.append(Event("Warning", new_deg["reason"], new_deg.get("message") or new_deg["reason"]))
         elif new_deg["status"] == "False" and old_deg is not None and old_deg.get("status") == "True":
             events.append(Event("Normal", "Recovered", "the server answers again"))

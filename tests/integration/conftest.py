@@ -61,10 +61,12 @@ class ApiServer(kmock.KubernetesEmulator):
     last_applied: dict[str, dict[str, Any]] = attrs.field(factory=dict, init=False)
     # (method, path, content-type prefix) -> how many more such requests fail with 500
     _failures: dict[tuple[str, str, str], int] = attrs.field(factory=dict, init=False)
+    _failure_status: dict[tuple[str, str, str], int] = attrs.field(factory=dict, init=False)
 
-    def fail_next(self, method: str, path: str, content_type: str = "", times: int = 1) -> None:
-        """Make the next `times` requests `method path` (with that Content-Type prefix) fail with 500."""
+    def fail_next(self, method: str, path: str, content_type: str = "", times: int = 1, status: int = 500) -> None:
+        """Make the next `times` requests `method path` (with that Content-Type prefix) fail with `status`."""
         self._failures[method.upper(), path, content_type] = times
+        self._failure_status[method.upper(), path, content_type] = status
 
     def failures_left(self, method: str, path: str, content_type: str = "") -> int:
         return self._failures.get((method.upper(), path, content_type), 0)
@@ -74,7 +76,8 @@ class ApiServer(kmock.KubernetesEmulator):
             if left > 0 and str(request.method).upper().endswith(method) and request.url.path == path \
                     and request.headers.get("Content-Type", "").startswith(content_type):
                 self._failures[method, path, content_type] = left - 1
-                raise kmock.KubernetesError(status=500, reason="InternalError", message="injected by the test")
+                raise kmock.KubernetesError(status=self._failure_status[method, path, content_type],
+                                            reason="Injected", message="injected by the test")
 
     def next_version(self) -> str:
         with self._lock_rv:
@@ -160,6 +163,8 @@ class ApiServer(kmock.KubernetesEmulator):
                 return attrs.evolve(request, action=kmock_enums.action.CREATE, method=kmock_enums.method.POST)
             return request
         live = self.objects[key].raw
+        if live.get("kind") == "StatefulSet" and request.subresource is None:
+            _refuse_immutable_statefulset_change(live, data)
         if is_apply:  # the fields applied before and not now are removed (defaulted where the server would)
             applied = copy.deepcopy(data)
             _drop_unapplied(data, self._applied.get(key) or {}, default_replicas=live.get("kind") in WORKLOADS)
@@ -228,6 +233,20 @@ class ApiServer(kmock.KubernetesEmulator):
 
 
 WORKLOADS = ("Deployment", "StatefulSet")
+
+
+STATEFULSET_MUTABLE = ("replicas", "ordinals", "template", "updateStrategy", "persistentVolumeClaimRetentionPolicy",
+                       "minReadySeconds")
+
+
+def _refuse_immutable_statefulset_change(live: dict[str, Any], data: dict[str, Any]) -> None:
+    """422, as the API server answers a change to a StatefulSet's spec outside its mutable fields."""
+    spec = data.get("spec") or {}
+    changed = [k for k in spec if k not in STATEFULSET_MUTABLE and spec[k] != (live.get("spec") or {}).get(k)]
+    if changed:
+        raise kmock.KubernetesError(status=422, reason="Invalid", message=(
+            f"StatefulSet.apps {live['metadata']['name']!r} is invalid: spec: Forbidden: updates to statefulset "
+            f"spec for fields other than {', '.join(repr(f) for f in STATEFULSET_MUTABLE)} are forbidden"))
 
 
 def _drop_unapplied(data: dict[str, Any], before: dict[str, Any], *, default_replicas: bool) -> None:

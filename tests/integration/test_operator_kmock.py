@@ -210,21 +210,119 @@ async def test_toggles_add_and_prune_optional_children(
     kube_api: ApiServer, run_operator: OperatorRunner, status_servers: FakeServers
 ) -> None:
     async with run_operator():
-        await create(kube_api, FEDS_URL, federation())
-        await eventually(lambda: live(kube_api, "apps/v1/statefulsets", "demo-server"))
+        await create(kube_api, FEDS_URL, federation(server={"checkpoint": {"enabled": False}}))
+        await eventually(lambda: live(kube_api, "apps/v1/deployments", "demo-server"))
         await patch(kube_api, f"{FEDS_URL}/demo", {"spec": {
             "clients": {"autoscaling": {"enabled": True, "minReplicas": 1, "maxReplicas": 6}},
-            "server": {"checkpoint": {"enabled": False}},
+            "server": {"checkpoint": {"enabled": True}},
         }})
         await eventually(lambda: live(kube_api, "autoscaling/v2/horizontalpodautoscalers", "demo-clients"))
-        await eventually(lambda: live(kube_api, "apps/v1/deployments", "demo-server"))
-        await eventually(lambda: live(kube_api, "apps/v1/statefulsets", "demo-server") is None)
+        await eventually(lambda: live(kube_api, "apps/v1/statefulsets", "demo-server"))
+        await eventually(lambda: live(kube_api, "apps/v1/deployments", "demo-server") is None)  # (stateless)
         hpa = must(kube_api, "autoscaling/v2/horizontalpodautoscalers", "demo-clients")
         validate_upstream(hpa)
         assert hpa["spec"]["metrics"][0]["object"]["metric"]["name"] == "federator_pending_tasks"
         await patch(kube_api, f"{FEDS_URL}/demo", {"spec": {"clients": {"autoscaling": {"enabled": False}}}})
         await eventually(lambda: live(kube_api, "autoscaling/v2/horizontalpodautoscalers", "demo-clients") is None)
         await settle(kube_api)
+
+
+# --------------------------------------------------------------------------------- the checkpoint
+
+
+def deletes_by_the_operator(api: ApiServer, *plurals: str) -> list[str]:
+    """DELETE requests of these kinds that the operator sent (it authenticates; the tests do not)."""
+    return [str(r.url.path) for r in api if r.method == "DELETE" and r.resource is not None
+            and r.resource.plural in plurals and r.headers.get("Authorization")]
+
+
+def claim_size(sts: dict[str, Any]) -> str:
+    return str(sts["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"])
+
+
+async def test_a_checkpoint_change_that_cannot_apply_in_place_is_refused_and_nothing_is_deleted(
+    kube_api: ApiServer, run_operator: OperatorRunner, status_servers: FakeServers
+) -> None:
+    status_servers.set("demo", server_report("demo", round=3))
+    sts_url = f"/apis/apps/v1/namespaces/{NS}/statefulsets/demo-server"
+    async with run_operator(resync_interval=3600.0):
+        await create(kube_api, FEDS_URL, federation())
+        sts = await eventually(lambda: live(kube_api, "apps/v1/statefulsets", "demo-server"))
+        assert sts["spec"]["persistentVolumeClaimRetentionPolicy"] == {"whenDeleted": "Retain", "whenScaled": "Retain"}
+        await eventually(lambda: condition(live(kube_api, FEDS, "demo"), "Ready").get("reason") == "ServerReady")
+        await settle(kube_api)
+
+        # a bigger checkpoint volume (and more rounds in the same edit): refused as a whole
+        await patch(kube_api, f"{FEDS_URL}/demo", {"spec": {"rounds": 8, "server": {"checkpoint": {"size": "5Gi"}}}})
+        await eventually(lambda: condition(live(kube_api, FEDS, "demo"), "Ready").get("reason") == "ImmutableField")
+        ready = condition(live(kube_api, FEDS, "demo"), "Ready")
+        assert ready["status"] == "False" and ready["message"].startswith("spec.server.checkpoint.size: 1Gi -> 5Gi")
+        assert "kubectl patch pvc state-demo-server-0" in ready["message"]
+        assert "kubectl delete statefulset demo-server -n default --cascade=orphan" in ready["message"]
+        assert condition(live(kube_api, FEDS, "demo"), "Degraded")["reason"] == "ImmutableField"
+        [warning] = [e for e in events(kube_api, "demo") if e["reason"] == "ImmutableField"]
+        assert warning["type"] == "Warning" and warning["message"] == ready["message"]
+        await settle(kube_api)
+        kept = must(kube_api, "apps/v1/statefulsets", "demo-server")
+        assert (kept["metadata"]["uid"], claim_size(kept)) == (sts["metadata"]["uid"], "1Gi")
+        config = yaml.safe_load(must(kube_api, "v1/configmaps", "demo-config")["data"]["federation.yaml"])
+        assert config["spec"]["rounds"] == 5  # nothing of the refused spec was applied
+        assert must(kube_api, FEDS, "demo")["status"]["observedGeneration"] == 1
+
+        # the server's progress is still reported, and the refusal stands
+        status_servers.set("demo", server_report("demo", round=4))
+        await eventually(lambda: must(kube_api, FEDS, "demo")["status"]["round"] == 4)
+        assert condition(live(kube_api, FEDS, "demo"), "Ready")["reason"] == "ImmutableField"
+
+        # the migration the message names: the person deletes the StatefulSet (orphaning pod and claim)
+        resp = await kube_api.delete(sts_url)
+        assert resp.status < 300
+        await eventually(lambda: (obj := live(kube_api, "apps/v1/statefulsets", "demo-server"))
+                         and claim_size(obj) == "5Gi", message="re-created with the new size")
+        await eventually(lambda: must(kube_api, FEDS, "demo")["status"]["observedGeneration"] == 2)
+        await eventually(lambda: condition(live(kube_api, FEDS, "demo"), "Ready").get("reason") == "ServerReady")
+
+        # switching the checkpoint off would replace the StatefulSet: refused too, until the person deletes it
+        await patch(kube_api, f"{FEDS_URL}/demo", {"spec": {"server": {"checkpoint": {"enabled": False}}}})
+        await eventually(lambda: condition(live(kube_api, FEDS, "demo"), "Ready").get("message", "").startswith(
+            "spec.server.checkpoint.enabled: false would replace the server StatefulSet demo-server"))
+        await settle(kube_api)
+        assert live(kube_api, "apps/v1/deployments", "demo-server") is None  # never two servers
+        assert live(kube_api, "apps/v1/statefulsets", "demo-server") is not None
+        resp = await kube_api.delete(sts_url)
+        assert resp.status < 300
+        await eventually(lambda: live(kube_api, "apps/v1/deployments", "demo-server"), message="the plain server")
+        await settle(kube_api)
+    assert deletes_by_the_operator(kube_api, "statefulsets", "persistentvolumeclaims") == []
+
+
+async def test_kube_never_deletes_a_statefulset_even_on_a_422(kube_api: ApiServer, kubeconfig: Any) -> None:
+    from federator.operator.kube import ImmutableFieldError, Kube
+
+    sts: dict[str, Any] = {
+        "apiVersion": "apps/v1", "kind": "StatefulSet",
+        "metadata": {"name": "s", "namespace": NS, "labels": {"app.kubernetes.io/managed-by": "federator"}},
+        "spec": {"serviceName": "s", "selector": {"matchLabels": {"a": "b"}},
+                 "template": {"metadata": {"labels": {"a": "b"}},
+                              "spec": {"containers": [{"name": "c", "image": "i"}]}},
+                 "volumeClaimTemplates": [{"metadata": {"name": "state"}, "spec": {
+                     "accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}}]},
+    }
+    kube = Kube.from_environment()
+    try:
+        assert await kube.apply(sts) == "applied"
+        bigger = copy.deepcopy(sts)
+        bigger["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"] = "5Gi"
+        with pytest.raises(ImmutableFieldError, match="Forbidden: updates to statefulset spec"):
+            await kube.apply(bigger)  # the emulator answers 422, as the API server does
+        with pytest.raises(ValueError, match="never deletes a StatefulSet"):
+            await kube.delete("apps/v1", "StatefulSet", NS, "s")
+        with pytest.raises(ValueError, match="never deletes a PersistentVolumeClaim"):
+            await kube.delete("v1", "PersistentVolumeClaim", NS, "state-s-0")
+    finally:
+        await kube.close()
+    assert claim_size(must(kube_api, "apps/v1/statefulsets", "s")) == "1Gi"
+    assert [r for r in kube_api if r.method == "DELETE"] == []
 
 
 # ------------------------------------------------------------------------------------------ bad input

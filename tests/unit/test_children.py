@@ -150,6 +150,20 @@ def test_checkpoint_picks_the_server_kind_and_prunes_the_other() -> None:
     assert children.ChildRef("apps/v1", "StatefulSet", "team-a", "demo-server") in without.prune
 
 
+def test_the_checkpoint_volume_is_retained_unless_asked_and_retention_restarts_no_pod() -> None:
+    def policy(fed: Federation) -> dict[str, str]:
+        sts = children.server_statefulset(fed, children.federation_owner(fed, UID))
+        return dict(sts["spec"]["persistentVolumeClaimRetentionPolicy"])
+
+    assert policy(federation()) == {"whenDeleted": "Retain", "whenScaled": "Retain"}
+    deleting = federation(server={"checkpoint": {"whenDeleted": "Delete"}})
+    assert policy(deleting) == {"whenDeleted": "Delete", "whenScaled": "Retain"}
+    assert children.config_hash(deleting) == children.config_hash(federation())  # pods keep running
+    assert children.config_hash(federation(server={"checkpoint": {"size": "2Gi"}})) != children.config_hash(
+        federation())
+    assert children.checkpoint_claim_name("demo") == "state-demo-server-0"
+
+
 def test_clients_follow_the_runtime_contract() -> None:
     fed = federation(clients={"workers": 3})
     dep = children.clients_deployment(fed, children.federation_owner(fed, UID))

@@ -123,6 +123,23 @@ def test_invalid_spec() -> None:
     assert cond(fixed, "Ready")["reason"] == status.DEPLOYING and cond(fixed, "Degraded")["status"] == "False"
 
 
+def test_a_refused_change_stands_while_progress_is_still_reported() -> None:
+    running = status.dump(status.federation_observed(deployed(1), report(), now=T1))
+    refused = status.dump(status.federation_refused(running, "spec.server.checkpoint.size: 1Gi -> 5Gi ...",
+                                                    generation=2, now=T2))
+    assert refused["observedGeneration"] == 1  # generation 2 was not applied
+    assert (cond(refused, "Ready")["status"], cond(refused, "Ready")["reason"]) == ("False", status.IMMUTABLE_FIELD)
+    assert cond(refused, "Ready")["observedGeneration"] == 2
+    assert cond(refused, "Degraded")["status"] == "True" and status.should_poll(refused)
+    assert status.federation_events(running, refused) == []  # the reconcile posts the Warning itself
+    later = status.dump(status.federation_observed(refused, report(round=4), now=T2))
+    assert later["round"] == 4 and cond(later, "Ready") == cond(refused, "Ready")
+    assert cond(later, "Degraded") == cond(refused, "Degraded")
+    assert status.dump(status.federation_unreachable(later, "refused", now=T2, starting=False)) == later
+    applied = status.dump(status.federation_deployed(later, generation=3, rounds=15, now=T2))
+    assert cond(applied, "Ready")["reason"] == status.DEPLOYING and cond(applied, "Degraded")["status"] == "False"
+
+
 def test_redeploying_a_running_federation_keeps_its_conditions() -> None:
     running = status.dump(status.federation_observed(deployed(1), report(), now=T1))
     again = status.dump(status.federation_deployed(running, generation=2, rounds=20, now=T2))
