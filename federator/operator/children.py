@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from federator.api import names
 from federator.api.models import (
     API_VERSION,
     FederatedClient,
@@ -89,23 +90,23 @@ class Desired:
 
 
 def server_name(federation: str) -> str:
-    return f"{federation}-server"
+    return f"{federation}{names.SERVER}"
 
 
 def clients_name(federation: str) -> str:
-    return f"{federation}-clients"
+    return f"{federation}{names.CLIENTS}"
 
 
 def config_name(federation: str) -> str:
-    return f"{federation}-config"
+    return f"{federation}{names.CONFIG}"
 
 
 def secret_name(federation: str) -> str:
-    return f"{federation}-credentials"
+    return f"{federation}{names.CREDENTIALS}"
 
 
 def silo_name(client: str) -> str:
-    return f"{client}-silo"
+    return f"{client}{names.SILO}"
 
 
 def checkpoint_claim_name(federation: str) -> str:

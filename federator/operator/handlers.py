@@ -75,7 +75,7 @@ async def federation(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_:
         kube=memo["kube"], config=memo["config"], body=body, memo=memo, logger=logger)
 
 
-@kopf.daemon(*FEDERATIONS, id="status", cancellation_timeout=5.0)
+@kopf.daemon(*FEDERATIONS, id="status", cancellation_backoff=2.0, cancellation_timeout=5.0)
 async def federation_status(
     body: kopf.Body, memo: kopf.Memo, stopped: kopf.DaemonStopped, logger: kopf.Logger, **_: Any
 ) -> None:
@@ -87,7 +87,7 @@ async def federation_status(
                               closing=lambda: bool(memo["lifecycle"]["closing"]))
 
 
-@kopf.daemon(*FEDERATIONS, id="resync", cancellation_timeout=5.0)
+@kopf.daemon(*FEDERATIONS, id="resync", cancellation_backoff=2.0, cancellation_timeout=5.0)
 async def federation_resync(
     body: kopf.Body, memo: kopf.Memo, stopped: kopf.DaemonStopped, logger: kopf.Logger, **_: Any
 ) -> None:
@@ -123,7 +123,7 @@ async def federated_client_deleted(body: kopf.Body, memo: kopf.Memo, logger: kop
     await reconcile.delete_client(kube=memo["kube"], body=body, logger=logger)
 
 
-@kopf.daemon(*CLIENTS, id="resync", cancellation_timeout=5.0)
+@kopf.daemon(*CLIENTS, id="resync", cancellation_backoff=2.0, cancellation_timeout=5.0)
 async def federated_client_resync(
     body: kopf.Body, memo: kopf.Memo, stopped: kopf.DaemonStopped, logger: kopf.Logger, **_: Any
 ) -> None:
@@ -134,7 +134,7 @@ async def federated_client_resync(
     await _resync_loop(resync, body=body, memo=memo, stopped=stopped, logger=logger)
 
 
-@kopf.daemon(*CLIENTS, id="status", cancellation_timeout=5.0)
+@kopf.daemon(*CLIENTS, id="status", cancellation_backoff=2.0, cancellation_timeout=5.0)
 async def federated_client_status(
     body: kopf.Body, memo: kopf.Memo, stopped: kopf.DaemonStopped, logger: kopf.Logger, **_: Any
 ) -> None:

@@ -20,9 +20,9 @@ import aiohttp
 import kopf
 from pydantic import BaseModel, ValidationError
 
-from federator.api.crd import MAX_NAME_LENGTH
 from federator.api.manifest import format_validation_error
 from federator.api.models import API_VERSION, FederatedClient, Federation
+from federator.api.serverstatus import ServerStatus
 from federator.operator import children, drift, immutable, secrets, status
 from federator.operator.kube import (
     NEVER_DELETED,
@@ -91,15 +91,9 @@ def _manifest(body: Mapping[str, Any]) -> dict[str, Any]:
 
 def _validate(model: type[Federation | FederatedClient], body: Mapping[str, Any]) -> Any:
     try:
-        obj = model.model_validate(_manifest(body))
+        return model.model_validate(_manifest(body))
     except ValidationError as exc:
         raise InvalidSpec("; ".join(format_validation_error(exc))) from None
-    problems = []
-    if len(obj.metadata.name) > MAX_NAME_LENGTH:
-        problems.append(f"metadata.name: at most {MAX_NAME_LENGTH} characters (children append suffixes)")
-    if problems:
-        raise InvalidSpec("; ".join(problems))
-    return obj
 
 
 def parse_federation(body: Mapping[str, Any]) -> Federation:
@@ -393,7 +387,7 @@ async def _fetch(session: aiohttp.ClientSession, url: str, timeout: float) -> An
 
 async def fetch_report(
     session: aiohttp.ClientSession, config: OperatorConfig, fed: Federation
-) -> tuple[status.ServerReport | None, str | None, bool]:
+) -> tuple[ServerStatus | None, str | None, bool]:
     """(report, error, bad_report): read a server's /status; never raises for network trouble."""
     url = config.status_url(fed.metadata.name, fed.metadata.namespace, fed.spec.server.metricsPort)
     try:

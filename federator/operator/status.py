@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ValidationError
 
 from federator.api.models import (
     MAX_FLAGGED_IN_STATUS,
@@ -25,8 +25,8 @@ from federator.api.models import (
     Condition,
     FederatedClientStatus,
     FederationStatus,
-    FlaggedClient,
 )
+from federator.api.serverstatus import ServerStatus, SiloStatus
 
 ConditionStatus = Literal["True", "False", "Unknown"]
 
@@ -56,48 +56,14 @@ TERMINAL_PHASES = ("Succeeded", "Failed")
 # ------------------------------------------------------------------------------- the server's report
 
 
-class _Lenient(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-
-class SiloReport(_Lenient):
-    joined: bool = False
-    roundsParticipated: int = 0
-    lastUpdateTime: str | None = None
-    flagged: bool = False
-
-
-class ClientsReport(_Lenient):
-    connected: int = 0
-    participants: int = 0
-
-
-class ServerReport(_Lenient):
-    """The server's `GET /status` (extra fields are ignored: a newer server may add some)."""
-
-    federation: str = ""
-    phase: Literal["Pending", "Running", "Succeeded", "Failed"]
-    round: int = Field(ge=0)
-    rounds: int | None = None
-    accuracy: float | None = None
-    loss: float | None = None
-    epsilon: float | None = None
-    clients: ClientsReport = ClientsReport()
-    byzantineFlagged: int = 0
-    flaggedClients: list[FlaggedClient] = []
-    compressionRatio: float | None = None
-    pendingTasks: int = 0
-    message: str = ""
-    silos: dict[str, SiloReport] = {}
-
-
 class BadReport(ValueError):
     """The server answered, but not with a status this operator understands."""
 
 
-def parse_report(payload: Any) -> ServerReport:
+def parse_report(payload: Any) -> ServerStatus:
+    """The server's `/status` read with the model the server writes it with (federator/api/serverstatus.py)."""
     try:
-        return ServerReport.model_validate(payload)
+        return ServerStatus.model_validate(payload)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "(body)"
@@ -238,7 +204,7 @@ def federation_deployed(
     return st.model_copy(update={"observedGeneration": generation, "rounds": rounds, "conditions": conditions})
 
 
-def federation_observed(raw: Mapping[str, Any] | None, report: ServerReport, *, now: str) -> FederationStatus:
+def federation_observed(raw: Mapping[str, Any] | None, report: ServerStatus, *, now: str) -> FederationStatus:
     """The server answered: copy its progress and derive the conditions from its phase."""
     st = load_federation_status(raw)
     gen = st.observedGeneration
@@ -415,12 +381,12 @@ def client_deployed(
 
 
 def client_observed(
-    raw: Mapping[str, Any] | None, silo: SiloReport | None, *, replicas: int, now: str
+    raw: Mapping[str, Any] | None, silo: SiloStatus | None, *, replicas: int, now: str
 ) -> FederatedClientStatus:
     """The federation's server answered; `silo` is its entry for this client (None: never seen)."""
     st = load_client_status(raw)
     gen = st.observedGeneration
-    silo = silo or SiloReport()
+    silo = silo or SiloStatus()
     values: dict[str, tuple[ConditionStatus, str, str]] = {
         "Ready": ("True", JOINED, f"joined; {silo.roundsParticipated} rounds participated") if silo.joined
         else ("False", NOT_JOINED, "the server has not seen this silo yet"),

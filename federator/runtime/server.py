@@ -32,6 +32,7 @@ import torch
 
 from federator.api.manifest import ManifestError
 from federator.api.models import Federation, FederationSpec
+from federator.api.serverstatus import ServerStatus
 from federator.runtime import lifeline
 from federator.runtime.aggregation import (
     AggregationPipeline,
@@ -508,9 +509,10 @@ class FederationServer:
     # ------------------------------------------------------------------------------------ bookkeeping
 
     def status(self) -> dict[str, Any]:
+        """`GET /status`, written through the model the operator reads it with (extra keys are kept)."""
         last = self.history[-1] if self.history else {}
         flagged = self.flagged_clients()
-        return {
+        return ServerStatus.model_validate({
             "federation": self.name,
             "phase": self.phase,
             "round": self.completed,
@@ -527,7 +529,7 @@ class FederationServer:
             "message": self.message,
             "roundStartedAt": self.current.started if self.current else None,
             "silos": self.silo_stats,
-        }
+        }).payload()
 
     def _reap_dead_workers(self) -> None:
         """Forget workers that stopped beating and requeue their tasks (caller holds the lock)."""

@@ -37,6 +37,7 @@ from kmock._internal import dicts as kmock_dicts
 from kmock._internal import enums as kmock_enums
 
 import federator.operator.handlers  # noqa: F401  (registers the handlers with kopf)
+from federator.api.serverstatus import ServerStatus
 from federator.operator.main import operator_options
 from federator.operator.reconcile import OperatorConfig
 
@@ -402,14 +403,14 @@ async def serve_fake_status() -> AsyncIterator[FakeServers]:
 
 
 def server_report(name: str, **overrides: Any) -> dict[str, Any]:
-    """A `/status` payload as the runtime's server sends it."""
+    """A `/status` payload as the runtime's server sends it (through the same model)."""
     report: dict[str, Any] = {
         "federation": name, "phase": "Running", "round": 3, "rounds": 15, "accuracy": 0.81, "loss": 0.52,
         "epsilon": None, "clients": {"connected": 2, "participants": 10}, "byzantineFlagged": 0,
         "compressionRatio": None, "pendingTasks": 4, "message": "", "silos": {},
     }
     report.update(overrides)
-    return report
+    return ServerStatus.model_validate(report).payload()
 
 
 OperatorRunner = Callable[..., Any]

@@ -260,7 +260,8 @@ async def test_a_checkpoint_change_that_cannot_apply_in_place_is_refused_and_not
         assert "kubectl patch pvc state-demo-server-0" in ready["message"]
         assert "kubectl delete statefulset demo-server -n default --cascade=orphan" in ready["message"]
         assert condition(live(kube_api, FEDS, "demo"), "Degraded")["reason"] == "ImmutableField"
-        [warning] = [e for e in events(kube_api, "demo") if e["reason"] == "ImmutableField"]
+        [warning] = await eventually(lambda: [e for e in events(kube_api, "demo") if e["reason"] == "ImmutableField"],
+                                     message="the Warning event (kopf posts events in the background)")
         assert warning["type"] == "Warning" and warning["message"] == ready["message"]
         await settle(kube_api)
         kept = must(kube_api, "apps/v1/statefulsets", "demo-server")

@@ -7,12 +7,13 @@ from typing import Any
 import pytest
 
 from federator.api.models import FederationStatus
+from federator.api.serverstatus import ServerStatus
 from federator.operator import status
 
 T0, T1, T2 = "2026-01-01T00:00:00Z", "2026-01-01T00:01:00Z", "2026-01-01T00:10:00Z"
 
 
-def report(**overrides: Any) -> status.ServerReport:
+def report(**overrides: Any) -> ServerStatus:
     payload: dict[str, Any] = {
         "federation": "demo", "phase": "Running", "round": 3, "rounds": 15, "accuracy": 0.8123, "loss": 0.5,
         "epsilon": 1.5, "clients": {"connected": 4, "participants": 8}, "byzantineFlagged": 1,
