@@ -41,6 +41,8 @@ from federator.runtime.aggregation import (
     RoundResult,
     ServerOptimizerState,
     server_update,
+    state_from_dict,
+    state_to_dict,
 )
 from federator.runtime.aggregation.attacks import describe as describe_attack
 from federator.runtime.byzantine import ReputationState, is_quarantined
@@ -226,8 +228,7 @@ class FederationServer:
                 "use a new state directory (--state-dir / --out) or delete the checkpoint to start over"
             )
         self.params = {k: v.clone() for k, v in state["params"].items()}
-        self.opt_state = ServerOptimizerState(step=int(state["optimizer"]["step"]),
-                                              m=dict(state["optimizer"]["m"]), v=dict(state["optimizer"]["v"]))
+        self.opt_state = state_from_dict(state["optimizer"])  # validated: step, and names -> tensors
         self.agg_state = AggregationState.from_dict(state.get("aggregation") or {})
         self.history = [dict(h) for h in state["history"]]
         self.completed = int(state["completed_round"])
@@ -450,7 +451,7 @@ class FederationServer:
             "run_id": self.run_id,
             "completed_round": completed,
             "params": self.params,
-            "optimizer": {"step": self.opt_state.step, "m": self.opt_state.m, "v": self.opt_state.v},
+            "optimizer": state_to_dict(self.opt_state),
             "aggregation": agg_state.to_dict(),
             "history": history,
             "layout": [(t.name, t.dtype, list(t.shape)) for t in self.layout.tensors],
