@@ -201,6 +201,7 @@ class Kube:
     field_manager: str = FIELD_MANAGER
     requests: dict[str, int] = field(default_factory=dict)  # method -> count (for tests and benchmarks)
     _session: aiohttp.ClientSession | None = field(default=None, init=False, repr=False)
+    _closed: bool = field(default=False, init=False, repr=False)
 
     @classmethod
     def from_environment(cls) -> Kube:
@@ -208,6 +209,8 @@ class Kube:
 
     @property
     def session(self) -> aiohttp.ClientSession:
+        if self._closed:  # a handler still running after the operator's cleanup must not open a new one
+            raise RuntimeError("the Kubernetes API client is closed: the operator is exiting")
         if self._session is None or self._session.closed:
             connector = aiohttp.TCPConnector(ssl=self.connection.ssl_context or False, limit=32)
             self._session = aiohttp.ClientSession(
@@ -216,6 +219,7 @@ class Kube:
         return self._session
 
     async def close(self) -> None:
+        self._closed = True
         if self._session is not None and not self._session.closed:
             await self._session.close()
             await asyncio.sleep(0)  # let the connector close its transports

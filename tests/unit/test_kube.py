@@ -5,7 +5,9 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from federator.operator.kube import applied_hash, covers, is_current, with_applied_hash
+import pytest
+
+from federator.operator.kube import Connection, Kube, applied_hash, covers, is_current, with_applied_hash
 
 
 def config_map(**data: str) -> dict[str, Any]:
@@ -34,3 +36,14 @@ def test_a_live_object_is_current_only_with_the_desired_hash_and_every_desired_f
     assert not is_current(edited, with_applied_hash(config_map(a="1", b="2")))
     unhashed = config_map(a="1", b="2")  # applied by an older operator
     assert not is_current(unhashed, with_applied_hash(config_map(a="1", b="2")))
+
+
+@pytest.mark.asyncio
+async def test_a_closed_client_never_opens_a_new_session() -> None:
+    """A handler still running after the operator's cleanup must not leak a fresh aiohttp session."""
+    kube = Kube(Connection(server="http://127.0.0.1:9"))
+    opened = kube.session
+    await kube.close()
+    assert opened.closed
+    with pytest.raises(RuntimeError, match="the operator is exiting"):
+        _ = kube.session
