@@ -32,6 +32,7 @@ import torch
 
 from federator.api.manifest import ManifestError
 from federator.api.models import Federation, FederationSpec
+from federator.api.serverstatus import ServerStatus
 from federator.runtime import lifeline
 from federator.runtime.aggregation import (
     AggregationPipeline,
@@ -40,6 +41,8 @@ from federator.runtime.aggregation import (
     RoundResult,
     ServerOptimizerState,
     server_update,
+    state_from_dict,
+    state_to_dict,
 )
 from federator.runtime.aggregation.attacks import describe as describe_attack
 from federator.runtime.byzantine import ReputationState, is_quarantined
@@ -254,8 +257,7 @@ class FederationServer:
                 "use a new state directory (--state-dir / --out) or delete the checkpoint to start over"
             )
         self.params = {k: v.clone() for k, v in state["params"].items()}
-        self.opt_state = ServerOptimizerState(step=int(state["optimizer"]["step"]),
-                                              m=dict(state["optimizer"]["m"]), v=dict(state["optimizer"]["v"]))
+        self.opt_state = state_from_dict(state["optimizer"])  # validated: step, and names -> tensors
         self.agg_state = AggregationState.from_dict(state.get("aggregation") or {})
         self.history = [dict(h) for h in state["history"]]
         self.completed = int(state["completed_round"])
@@ -528,7 +530,7 @@ class FederationServer:
             "run_id": self.run_id,
             "completed_round": completed,
             "params": self.params,
-            "optimizer": {"step": self.opt_state.step, "m": self.opt_state.m, "v": self.opt_state.v},
+            "optimizer": state_to_dict(self.opt_state),
             "aggregation": agg_state.to_dict(),
             "history": history,
             "normalization": self.normalizer.to_state() if self.normalizer is not None else None,
@@ -588,9 +590,10 @@ class FederationServer:
     # ------------------------------------------------------------------------------------ bookkeeping
 
     def status(self) -> dict[str, Any]:
+        """`GET /status`, written through the model the operator reads it with (extra keys are kept)."""
         last = self.history[-1] if self.history else {}
         flagged = self.flagged_clients()
-        return {
+        return ServerStatus.model_validate({
             "federation": self.name,
             "phase": self.phase,
             "round": self.completed,
@@ -609,7 +612,7 @@ class FederationServer:
             "normalize": self.normalizer.mode if self.normalizer is not None else "none",
             "roundStartedAt": self.current.started if self.current else None,
             "silos": self.silo_stats,
-        }
+        }).payload()
 
     def _reap_dead_workers(self) -> None:
         """Forget workers that stopped beating and requeue their tasks (caller holds the lock)."""
