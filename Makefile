@@ -4,7 +4,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PIP    := $(BIN)/python -m pip install --quiet --constraint constraints.txt
 
-.PHONY: demo test lint unit install protos crds bench e2e clean
+.PHONY: demo test lint unit install protos crds bench images e2e clean
 
 ## Install into .venv (once per change of pyproject.toml).
 install: $(STAMP)
@@ -33,14 +33,25 @@ protos: $(STAMP)
 	  --python_out=. --grpc_python_out=. --pyi_out=. federator/runtime/proto/federator.proto
 crds: $(STAMP)
 	$(BIN)/federator crds --out crds
+	$(BIN)/federator crds --out charts/federator/crds
 
 ## Benchmarks against peers (Flower); writes docs/benchmarks.md.
 bench: $(STAMP)
 	bash benchmarks/run.sh
 
-## End-to-end tests on a real cluster: FEDERATOR_E2E_KUBECONFIG=~/.kube/config make e2e
+## Container images, tagged as the chart uses them by default (needs docker; CUDA: RUNTIME_BASE=...).
+VERSION      ?= $(shell sed -n 's/^appVersion: *"\(.*\)"/\1/p' charts/federator/Chart.yaml)
+REGISTRY     ?= ghcr.io/federator
+DOCKER       ?= docker
+TORCH_INDEX  ?= https://download.pytorch.org/whl/cpu
+images:
+	$(DOCKER) build -f operator/Dockerfile -t $(REGISTRY)/operator:$(VERSION) .
+	$(DOCKER) build -f runtime/Dockerfile -t $(REGISTRY)/runtime:$(VERSION) --build-arg TORCH_INDEX=$(TORCH_INDEX) \
+	  $(if $(RUNTIME_BASE),--build-arg BASE=$(RUNTIME_BASE)) .
+
+## End-to-end tests on a real kind cluster (docs/e2e.md): FEDERATOR_E2E_KUBECONFIG=~/.kube/config make e2e
 e2e: $(STAMP)
-	$(BIN)/python -m pytest -q tests/e2e
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/e2e
 
 clean:
 	rm -rf $(VENV) results .pytest_cache .mypy_cache .ruff_cache

@@ -94,7 +94,8 @@ def compare(rendered: set[Grant], needed: set[Grant], where: str) -> None:
 
 
 async def send(api: ApiServer, method: str, url: str, body: dict[str, Any] | None = None) -> None:
-    headers = {"User-Agent": TEST_AGENT, "Content-Type": "application/merge-patch+json" if method == "PATCH" else "application/json"}
+    content_type = "application/merge-patch+json" if method == "PATCH" else "application/json"
+    headers = {"User-Agent": TEST_AGENT, "Content-Type": content_type}
     resp = await api.request(method, url, data=None if body is None else json.dumps(body), headers=headers)
     assert resp.status < 300, await resp.text()
 
@@ -129,7 +130,7 @@ async def drive_lifecycle(api: ApiServer, fakes: FakeServers) -> None:
     await eventually(lambda: not any(exists(api, r, n) for r, n in optional[:3]), timeout=30, message="pruned")
     await send(api, "PATCH", f"{FEDS_URL}/demo", {"spec": {"server": {"checkpoint": {"enabled": True}}}})
     await eventually(lambda: exists(api, "apps/v1/statefulsets", "demo-server")
-                     and not exists(api, "apps/v1/deployments", "demo-server"), timeout=30, message="back to a StatefulSet")
+                     and not exists(api, "apps/v1/deployments", "demo-server"), timeout=30, message="StatefulSet again")
     await send(api, "PATCH", f"{FEDCS_URL}/hospital-a/scale", {"spec": {"replicas": 2}})
     await eventually(lambda: api.objects["apps/v1/deployments", NS, "hospital-a-silo"]["spec"]["replicas"] == 2,
                      timeout=30, message="scaled")
