@@ -39,15 +39,15 @@ crds: $(STAMP)
 bench: $(STAMP)
 	bash benchmarks/run.sh
 
-## Container images, tagged as the chart uses them by default (needs docker; CUDA: RUNTIME_BASE=...).
-VERSION      ?= $(shell sed -n 's/^appVersion: *"\(.*\)"/\1/p' charts/federator/Chart.yaml)
-REGISTRY     ?= ghcr.io/federator
-DOCKER       ?= docker
-TORCH_INDEX  ?= https://download.pytorch.org/whl/cpu
+## Container images, tagged as the chart uses them by default (needs docker or podman: DOCKER=podman).
+## GPUs: TORCH_INDEX=<a CUDA wheel index> and optionally RUNTIME_BASE=<a CUDA image with Python 3.11>.
+VERSION  ?= $(shell sed -n 's/^appVersion: *"\(.*\)"/\1/p' charts/federator/Chart.yaml)
+REGISTRY ?= ghcr.io/federator
+DOCKER   ?= docker
 images:
 	$(DOCKER) build -f operator/Dockerfile -t $(REGISTRY)/operator:$(VERSION) .
-	$(DOCKER) build -f runtime/Dockerfile -t $(REGISTRY)/runtime:$(VERSION) --build-arg TORCH_INDEX=$(TORCH_INDEX) \
-	  $(if $(RUNTIME_BASE),--build-arg BASE=$(RUNTIME_BASE)) .
+	$(DOCKER) build -f runtime/Dockerfile -t $(REGISTRY)/runtime:$(VERSION) \
+	  $(if $(TORCH_INDEX),--build-arg TORCH_INDEX=$(TORCH_INDEX)) $(if $(RUNTIME_BASE),--build-arg BASE=$(RUNTIME_BASE)) .
 
 ## End-to-end tests on a real kind cluster (docs/e2e.md): FEDERATOR_E2E_KUBECONFIG=~/.kube/config make e2e
 e2e: $(STAMP)

@@ -40,7 +40,7 @@ IMPLIED: set[Grant] = {
 def grants_of(request: kmock.Request) -> set[Grant]:
     """What the API server authorizes for one request (RBAC verbs, not HTTP methods)."""
     assert request.resource is not None
-    resource = request.resource.plural + (f"/{request.subresource}" if request.subresource else "")
+    resource = (request.resource.plural or "") + (f"/{request.subresource}" if request.subresource else "")
     group = request.resource.group or ""
     action = kmock.action
     if request.action == action.WATCH:
