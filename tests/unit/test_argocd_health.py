@@ -33,7 +33,7 @@ def resource(kind: str, st: Any | None, generation: int = 1) -> dict[str, Any]:
 
 
 def report(phase: str, **fields: Any) -> status.ServerReport:
-    return status.ServerReport(phase=phase, **{"round": 3, "rounds": 5, "accuracy": 0.9, **fields})
+    return status.ServerReport.model_validate({"phase": phase, "round": 3, "rounds": 5, "accuracy": 0.9, **fields})
 
 
 def deployed() -> dict[str, Any]:
