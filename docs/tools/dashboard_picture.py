@@ -1,0 +1,85 @@
+"""Draw docs/monitoring-*.png from a real scrape: the quickstart federation runs on this machine, Debian's
+Prometheus scrapes its server every second, and each panel of a chart dashboard is drawn from
+Prometheus' range query of that panel's own PromQL.
+
+    PYTHONPATH=. .venv/bin/python docs/tools/dashboard_picture.py training docs/monitoring-training.png
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from federator.api.manifest import load_federation  # noqa: E402
+from federator.local import LocalRun  # noqa: E402
+from tests.helpers.chart import CHART  # noqa: E402
+from tests.helpers.prometheus import Prometheus, grafana_to_promql, run_prometheus  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+RATE_WINDOW = "10s"  # Grafana's $__rate_interval at a 1 s scrape interval (4 x the interval, rounded up)
+
+
+def main(board_name: str, out: Path) -> None:
+    board = json.loads((CHART / "dashboards" / f"{board_name}.json").read_text())
+    manifest = ROOT / "examples" / "quickstart.yaml"
+    with tempfile.TemporaryDirectory() as tmp:
+        run = LocalRun(manifest=manifest, fed=load_federation(manifest), out=Path(tmp) / "run", workers=2,
+                       linger_seconds=-1)
+        (run.out / "state").mkdir(parents=True)
+        try:
+            run.start_server()
+            target = {"targets": [f"127.0.0.1:{run.http_port}"], "labels": {"service": "quickstart-server"}}
+            with run_prometheus(Path(tmp) / "prom", [target]) as prom:
+                prom.wait(prom.targets_up, 120, "the first scrape")
+                start = time.time()
+                run.start_clients()
+                prom.wait(lambda: (run.status() or {}).get("phase") == "Succeeded", 600, "the federation")
+                time.sleep(3)  # a few scrapes after the last round
+                end = time.time()
+                # from just before the workers joined (they take seconds to import torch and load data)
+                joined = prom.api("query_range", query="federator_clients_connected > 0", start=f"{start:.3f}",
+                                  end=f"{end:.3f}", step="1")["result"][0]["values"][0][0]
+                draw(prom, board, max(start, float(joined) - 3), end, out)
+        finally:
+            run.stop()
+
+
+def draw(prom: Prometheus, board: dict[str, Any], start: float, end: float, out: Path) -> None:
+    panels = board["panels"]
+    cols = 4 if len(panels) > 4 else len(panels)
+    rows = (len(panels) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.8 * rows), squeeze=False)
+    for ax, panel in zip(axes.flat, panels, strict=False):
+        for target in panel["targets"]:
+            expr = grafana_to_promql(target["expr"], RATE_WINDOW)
+            data = prom.api("query_range", query=expr, start=f"{start:.3f}", end=f"{end:.3f}", step="1")
+            for series in data["result"]:
+                xs = [float(t) - start for t, _ in series["values"]]
+                ys = [float(v) for _, v in series["values"]]
+                label = target.get("legendFormat", "")
+                for key, value in series["metric"].items():
+                    label = label.replace("{{" + key + "}}", value)
+                ax.plot(xs, ys, label=label or None)
+        ax.set_title(panel["title"], fontsize=9)
+        ax.tick_params(labelsize=7)
+        ax.set_xlabel("seconds", fontsize=7)
+        if any(t.get("legendFormat") for t in panel["targets"]):
+            ax.legend(fontsize=6, loc="best")
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.suptitle(f"{board['title']} (quickstart, scraped every second by Prometheus)", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], Path(sys.argv[2]))
