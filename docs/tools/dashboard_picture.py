@@ -17,12 +17,12 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from federator.api.manifest import load_federation  # noqa: E402
-from federator.local import LocalRun  # noqa: E402
-from tests.helpers.chart import CHART  # noqa: E402
-from tests.helpers.prometheus import Prometheus, grafana_to_promql, run_prometheus  # noqa: E402
+from federator.api.manifest import load_federation
+from federator.local import LocalRun
+from tests.helpers.chart import CHART
+from tests.helpers.prometheus import Prometheus, grafana_to_promql, run_prometheus
 
 ROOT = Path(__file__).resolve().parents[2]
 RATE_WINDOW = "10s"  # Grafana's $__rate_interval at a 1 s scrape interval (4 x the interval, rounded up)
