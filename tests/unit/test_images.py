@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from federator.api.models import PodTemplate
 from federator.cli import COMMANDS
 from federator.operator import children
 from tests.helpers.chart import one, render
@@ -189,3 +190,12 @@ def test_the_operator_image_installs_everything_the_operator_imports_and_no_torc
                             text=True, cwd=ROOT)
     assert result.returncode == 0, f"the operator needs a package operator/Dockerfile lacks:\n{result.stderr}"
     assert result.stdout.split() == ["False"], "the operator imported torch"
+
+
+def test_make_images_tags_what_the_chart_and_the_api_use_by_default() -> None:
+    commands = subprocess.run(["make", "-s", "-n", "images"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout
+    tags = {image: re.search(rf"-f {image}/Dockerfile -t (\S+)", commands) for image in IMAGES}
+    assert tags["operator"] and tags["operator"].group(1) == one(render(), "Deployment")["spec"]["template"]["spec"][
+        "containers"][0]["image"]
+    assert tags["runtime"] and tags["runtime"].group(1) == PodTemplate().image  # spec.server/clients' default image
