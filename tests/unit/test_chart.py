@@ -128,7 +128,8 @@ def test_the_chart_ships_the_generated_crds_unchanged() -> None:
         shipped = {Path(c["filename"]).name: c["data"] for c in chart.crds}
     assert set(shipped) == set(generated) == {"federations.federator.dev.yaml", "federatedclients.federator.dev.yaml"}
     drifted = sorted(name for name in generated if shipped[name] != generated[name])
-    assert not drifted, f"charts/federator/crds/ differs from crds/ in {drifted}: run `make crds`"
+    fix = "`python -m federator crds --out crds && python -m federator crds --out charts/federator/crds`"
+    assert not drifted, f"charts/federator/crds/ differs from crds/ in {drifted}: run `make crds`, or {fix}"
 
 
 # ------------------------------------------------------------------------------------------ values
