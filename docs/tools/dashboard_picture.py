@@ -8,6 +8,7 @@ Prometheus' range query of that panel's own PromQL.
 from __future__ import annotations
 
 import json
+import re
 import sys
 import tempfile
 import time
@@ -68,6 +69,7 @@ def draw(prom: Prometheus, board: dict[str, Any], start: float, end: float, out:
                 label = target.get("legendFormat", "")
                 for key, value in series["metric"].items():
                     label = label.replace("{{" + key + "}}", value)
+                label = re.sub(r"\{\{\w+\}\}", "", label).strip()  # as Grafana shows a missing label
                 ax.plot(xs, ys, label=label or None)
         ax.set_title(panel["title"], fontsize=9)
         ax.tick_params(labelsize=7)
