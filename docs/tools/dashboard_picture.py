@@ -23,10 +23,17 @@ import matplotlib.pyplot as plt
 from federator.api.manifest import load_federation
 from federator.local import LocalRun
 from tests.helpers.chart import CHART
-from tests.helpers.prometheus import Prometheus, grafana_to_promql, run_prometheus
+from tests.helpers.prometheus import (
+    Prometheus,
+    federation_targets,
+    free_port,
+    grafana_to_promql,
+    run_prometheus,
+    start_scraped_workers,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
-RATE_WINDOW = "10s"  # Grafana's $__rate_interval at a 1 s scrape interval (4 x the interval, rounded up)
+RATE_WINDOW = "2s"  # Grafana's $__rate_interval at a 250 ms scrape interval is 1 s; a little smoother
 
 
 def main(board_name: str, out: Path) -> None:
@@ -38,17 +45,18 @@ def main(board_name: str, out: Path) -> None:
         (run.out / "state").mkdir(parents=True)
         try:
             run.start_server()
-            target = {"targets": [f"127.0.0.1:{run.http_port}"], "labels": {"service": "quickstart-server"}}
-            with run_prometheus(Path(tmp) / "prom", [target]) as prom:
-                prom.wait(prom.targets_up, 120, "the first scrape")
+            ports = [free_port() for _ in range(run.workers)]
+            targets = federation_targets(run, ports, "quickstart", run.fed.metadata.namespace)
+            with run_prometheus(Path(tmp) / "prom", targets, interval="250ms") as prom:
+                prom.wait(lambda: prom.targets_up(f"127.0.0.1:{run.http_port}"), 120, "the first scrape")
                 start = time.time()
-                run.start_clients()
+                start_scraped_workers(run, ports)
                 prom.wait(lambda: (run.status() or {}).get("phase") == "Succeeded", 600, "the federation")
                 time.sleep(3)  # a few scrapes after the last round
                 end = time.time()
                 # from just before the workers joined (they take seconds to import torch and load data)
                 joined = prom.api("query_range", query="federator_clients_connected > 0", start=f"{start:.3f}",
-                                  end=f"{end:.3f}", step="1")["result"][0]["values"][0][0]
+                                  end=f"{end:.3f}", step="0.25")["result"][0]["values"][0][0]
                 draw(prom, board, max(start, float(joined) - 3), end, out)
         finally:
             run.stop()
@@ -62,7 +70,7 @@ def draw(prom: Prometheus, board: dict[str, Any], start: float, end: float, out:
     for ax, panel in zip(axes.flat, panels, strict=False):
         for target in panel["targets"]:
             expr = grafana_to_promql(target["expr"], RATE_WINDOW)
-            data = prom.api("query_range", query=expr, start=f"{start:.3f}", end=f"{end:.3f}", step="1")
+            data = prom.api("query_range", query=expr, start=f"{start:.3f}", end=f"{end:.3f}", step="0.25")
             for series in data["result"]:
                 xs = [float(t) - start for t, _ in series["values"]]
                 ys = [float(v) for _, v in series["values"]]
@@ -78,7 +86,7 @@ def draw(prom: Prometheus, board: dict[str, Any], start: float, end: float, out:
             ax.legend(fontsize=6, loc="best")
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    fig.suptitle(f"{board['title']} (quickstart, scraped every second by Prometheus)", fontsize=11)
+    fig.suptitle(f"{board['title']} (quickstart, scraped every 250 ms by Prometheus)", fontsize=11)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
 

@@ -4,6 +4,7 @@ by the caller, and the queries the chart's dashboards, alerts and adapter rule m
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import socket
@@ -19,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from federator.local import LocalRun
 
 INSTALL_HINT = ("Debian's prometheus package is not installed: `apt-get install -y prometheus` "
                 "(.ci/run installs it before the tests)")
@@ -60,8 +63,10 @@ class Prometheus:
         result: list[dict[str, Any]] = data["result"]
         return result
 
-    def targets_up(self) -> bool:
-        active = self.api("targets")["activeTargets"]
+    def targets_up(self, *instances: str) -> bool:
+        """Every target (or every one of `instances`, host:port) was scraped successfully."""
+        active = [t for t in self.api("targets")["activeTargets"]
+                  if not instances or t["labels"]["instance"] in instances]
         return bool(active) and all(t["health"] == "up" for t in active)
 
     def wait(self, check: Any, timeout: float, what: str) -> Any:
@@ -110,6 +115,27 @@ def run_prometheus(workdir: Path, targets: list[dict[str, Any]], rule_files: Seq
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def start_scraped_workers(run: LocalRun, ports: Sequence[int]) -> None:
+    """`run.start_clients()`, each worker also serving /metrics on its port, as worker pods do on 9090."""
+    threads = max(1, (os.cpu_count() or 1) // max(1, len(ports)))
+    for i, port in enumerate(ports):
+        run.clients.append(run._spawn(
+            ["client", "--server", f"127.0.0.1:{run.grpc_port}", "--config", str(run.manifest),
+             "--name", f"worker-{i}", "--metrics-port", str(port), "--threads", str(threads)],
+            f"worker-{i}.log", run._env(FEDERATOR_TOKEN=run.token)))
+
+
+def federation_targets(run: LocalRun, worker_ports: Sequence[int], federation: str,
+                       namespace: str) -> list[dict[str, Any]]:
+    """Static targets with the labels the chart's monitors give them in a cluster: the ServiceMonitor's
+    `service`, and the PodMonitor's `namespace`, `pod` and `federation` (relabelled from the pod label)."""
+    server = {"targets": [f"127.0.0.1:{run.http_port}"], "labels": {"service": f"{federation}-server"}}
+    workers = [{"targets": [f"127.0.0.1:{port}"],
+                "labels": {"namespace": namespace, "federation": federation, "pod": f"{federation}-clients-{i}"}}
+               for i, port in enumerate(worker_ports)]
+    return [server, *workers]
 
 
 # ------------------------------------------------------------------------- the chart's queries

@@ -28,15 +28,19 @@ from tests.helpers.prometheus import (
     adapter_query,
     binary,
     dashboard_queries,
+    federation_targets,
+    free_port,
     grafana_to_promql,
     metric_names,
     run_prometheus,
+    start_scraped_workers,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 HERE = Path(__file__).resolve().parent
-ROUNDS = 4
+ROUNDS = 6
+SCRAPE_INTERVAL = "250ms"  # workers live for only the seconds they train: rate() needs two scrapes of them
 FEDERATION, NAMESPACE = "demo", "default"
 # Metrics the rules read from elsewhere (not the runtime), each with where it comes from.
 EXTERNAL = {"kube_deployment_status_replicas_available": "kube-state-metrics (FederatorOperatorDown)"}
@@ -62,22 +66,25 @@ def alerts() -> list[dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def scrape(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scrape]:
-    """A federation of ROUNDS rounds, scraped every second from before its first round until after its last."""
+    """A federation of ROUNDS rounds, its server and workers scraped from before its first round until after
+    its last."""
     tmp = tmp_path_factory.mktemp("prometheus")
-    doc = manifest(rounds=ROUNDS)
+    # local epochs enough that the workers train for seconds, not a fraction of one (on digits a round of
+    # one epoch takes ~40 ms): their /metrics must be scraped more than once to give rate() two samples
+    doc = manifest(rounds=ROUNDS, training={"localEpochs": 25})
     doc["metadata"] = {"name": FEDERATION, "namespace": NAMESPACE}
     path = write_manifest(tmp / "demo.yaml", doc)
     out = tmp / "run"
     (out / "state").mkdir(parents=True)
     run = LocalRun(manifest=path, fed=load_federation(path), out=out, workers=2, linger_seconds=-1)
+    worker_ports = [free_port(), free_port()]
     started = time.time()
     try:
         run.start_server()
-        # the label a ServiceMonitor's target carries: the adapter maps it to the HPA's Service
-        target = {"targets": [f"127.0.0.1:{run.http_port}"], "labels": {"service": f"{FEDERATION}-server"}}
-        with run_prometheus(tmp / "prom", [target]) as prom:
-            prom.wait(prom.targets_up, 120, "the server's /metrics to be scraped")
-            run.start_clients()
+        targets = federation_targets(run, worker_ports, FEDERATION, NAMESPACE)
+        with run_prometheus(tmp / "prom", targets, interval=SCRAPE_INTERVAL) as prom:
+            prom.wait(lambda: prom.targets_up(f"127.0.0.1:{run.http_port}"), 120, "the server's /metrics scraped")
+            start_scraped_workers(run, worker_ports)
             prom.wait(lambda: (run.status() or {}).get("phase") == "Succeeded", 300, "the federation to finish")
             prom.wait(lambda: [s for s in prom.query("federator_rounds_total") if float(s["value"][1]) == ROUNDS],
                       120, f"a scrape that saw round {ROUNDS}")

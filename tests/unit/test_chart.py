@@ -224,3 +224,12 @@ def test_notes_say_what_to_do_next() -> None:
     assert "watches lab" in notes
     assert "kubectl apply -f examples/quickstart.yaml" in notes
     assert "kubectl apply --server-side -f" in notes  # Helm never upgrades CRDs
+
+
+def test_the_pod_monitor_labels_client_metrics_with_their_federation() -> None:
+    monitor = one(render({"monitoring": {"podMonitor": {"enabled": True}}}), "PodMonitor")
+    [endpoint] = monitor["spec"]["podMetricsEndpoints"]
+    assert endpoint["port"] == "metrics"  # the client container's port name (operator/children.py)
+    # client metrics have no federation label; the dashboards select by it
+    assert {"sourceLabels": ["__meta_kubernetes_pod_label_federator_dev_federation"],
+            "targetLabel": "federation"} in endpoint["relabelings"]
