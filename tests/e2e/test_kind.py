@@ -1,5 +1,5 @@
 """End to end on a real cluster (kind, set up by tests/e2e/kind-up.sh; docs/e2e.md): `helm install` the
-chart with Helm's engine, apply the quickstart with autoscaling on, wait for Succeeded, and check that
+chart with Helm's engine, apply a longer quickstart with autoscaling on, wait for Succeeded, and check that
 the HPA reads federator_pending_tasks through the custom metrics API and that Prometheus scrapes the
 server.
 
@@ -95,6 +95,10 @@ def test_the_quickstart_succeeds_scales_on_pending_tasks_and_is_scraped(api: Any
     doc = copy.deepcopy(yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text()))
     name = doc["metadata"]["name"]
     doc["spec"]["clients"]["autoscaling"] = {"enabled": True, "minReplicas": 1, "maxReplicas": 3}
+    # long enough (minutes, not seconds) for Prometheus, the adapter's relist and the HPA's sync to see it
+    # run: a finished federation's HPA is removed
+    doc["spec"]["rounds"] = 100
+    doc["spec"]["training"]["localEpochs"] = 30
     doc["spec"]["monitoring"] = {"serviceMonitor": False}  # the chart's ServiceMonitor scrapes every server
     custom.create_namespaced_custom_object(GROUP, VERSION, NS, "federations", doc)
     try:
