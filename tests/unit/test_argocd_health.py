@@ -10,6 +10,7 @@ import lupa
 import pytest
 import yaml
 
+from federator.api.serverstatus import ServerStatus, SiloStatus
 from federator.operator import status
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -32,8 +33,8 @@ def resource(kind: str, st: Any | None, generation: int = 1) -> dict[str, Any]:
     return obj
 
 
-def report(phase: str, **fields: Any) -> status.ServerReport:
-    return status.ServerReport.model_validate({"phase": phase, "round": 3, "rounds": 5, "accuracy": 0.9, **fields})
+def report(phase: str, **fields: Any) -> ServerStatus:
+    return ServerStatus.model_validate({"phase": phase, "round": 3, "rounds": 5, "accuracy": 0.9, **fields})
 
 
 def deployed() -> dict[str, Any]:
@@ -81,7 +82,7 @@ def client_deployed() -> dict[str, Any]:
     return status.dump(status.client_deployed(None, generation=1, selector="a=b", replicas=1, now=NOW))
 
 
-SILO = status.SiloReport(joined=True, roundsParticipated=2, lastUpdateTime=NOW)
+SILO = SiloStatus(joined=True, roundsParticipated=2, lastUpdateTime=NOW)
 CLIENTS = {
     "new": (None, "Progressing"),
     "no-federation": (status.client_waiting(None, status.FEDERATION_NOT_FOUND, "Federation 'demo' not found",
