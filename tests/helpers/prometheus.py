@@ -4,7 +4,6 @@ by the caller, and the queries the chart's dashboards, alerts and adapter rule m
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import socket
@@ -118,13 +117,23 @@ def run_prometheus(workdir: Path, targets: list[dict[str, Any]], rule_files: Seq
 
 
 def start_scraped_workers(run: LocalRun, ports: Sequence[int]) -> None:
-    """`run.start_clients()`, each worker also serving /metrics on its port, as worker pods do on 9090."""
-    threads = max(1, (os.cpu_count() or 1) // max(1, len(ports)))
-    for i, port in enumerate(ports):
-        run.clients.append(run._spawn(
-            ["client", "--server", f"127.0.0.1:{run.grpc_port}", "--config", str(run.manifest),
-             "--name", f"worker-{i}", "--metrics-port", str(port), "--threads", str(threads)],
-            f"worker-{i}.log", run._env(FEDERATOR_TOKEN=run.token)))
+    """`run.start_clients()` as `federator run` does it, except that each worker also serves /metrics on
+    one of `ports`, as worker pods do on 9090 (`federator run` turns the workers' endpoint off)."""
+    assert len(ports) == run.workers, "one port per worker"
+    free = iter(ports)
+    spawn = run._spawn
+
+    def with_metrics(args: list[str], log_name: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
+        if args[:1] == ["client"] and "--metrics-port" in args:
+            at = args.index("--metrics-port") + 1
+            args = [*args[:at], str(next(free)), *args[at + 1:]]
+        return spawn(args, log_name, env)
+
+    setattr(run, "_spawn", with_metrics)  # noqa: B010 (an instance override of the method, for this call)
+    try:
+        run.start_clients()
+    finally:
+        delattr(run, "_spawn")
 
 
 def federation_targets(run: LocalRun, worker_ports: Sequence[int], federation: str,
