@@ -71,7 +71,10 @@ def scrape(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scrape]:
     tmp = tmp_path_factory.mktemp("prometheus")
     # local epochs enough that the workers train for seconds, not a fraction of one (on digits a round of
     # one epoch takes ~40 ms): their /metrics must be scraped more than once to give rate() two samples
-    doc = manifest(rounds=ROUNDS, training={"localEpochs": 25})
+    doc = manifest(rounds=ROUNDS, training={"localEpochs": 25},
+                   # detection scores every update (the anomaly-score panel); honest digits clients score
+                   # about 0.5, far below this threshold, so nothing is flagged and no alert fires
+                   byzantine={"detection": {"method": "cosine", "threshold": 1.5}})
     doc["metadata"] = {"name": FEDERATION, "namespace": NAMESPACE}
     path = write_manifest(tmp / "demo.yaml", doc)
     out = tmp / "run"
