@@ -103,6 +103,14 @@ class DataSpec(Strict):
         float, Field(gt=0.0, lt=1.0, description="Share of the data held out for central evaluation.")
     ] = 0.2
     seed: Annotated[int, Field(ge=0, le=2**31 - 1, description="Seed for splits, sampling and init.")] = 0
+    normalize: Annotated[
+        Literal["standard", "minmax", "none"] | None,
+        Field(
+            description="Per-feature scaling from the clients' pooled statistics, fixed before round 1: "
+            "standard (zero mean, unit variance), minmax (0..1) or none. Default: standard for npz and csv, "
+            "none for the built-in and imagefolder data sets."
+        ),
+    ] = None
 
     @model_validator(mode="after")
     @cel("!(self.dataset in ['npz', 'csv', 'imagefolder']) || has(self.path)",

@@ -49,9 +49,20 @@ from federator.runtime.byzantine import ReputationState, is_quarantined
 from federator.runtime.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from federator.runtime.config import load_federation_config
 from federator.runtime.data import DataError, prepare_data
+from federator.runtime.diagnostics import majority_rate, stuck_at_majority, stuck_message
 from federator.runtime.httpserver import StatusHTTPServer
 from federator.runtime.metrics import ServerMetrics
 from federator.runtime.models import ModelError, build_model, count_parameters
+from federator.runtime.normalization import (
+    FeatureStats,
+    Normalizer,
+    combine_stats,
+    feature_stats,
+    normalizer_from_stats,
+    normalizer_to_proto,
+    resolve_mode,
+    stats_from_proto,
+)
 from federator.runtime.proto import federator_pb2 as pb
 from federator.runtime.proto import federator_pb2_grpc as pb_grpc
 from federator.runtime.statelock import StateDirLocked, lock_state_dir
@@ -70,6 +81,11 @@ from federator.tokens import Tokens, TokensError, read_server_tokens
 log = logging.getLogger("federator.server")
 
 CHECKPOINT_FILE = "checkpoint.pt"
+# gRPC's thread-pool server holds one thread per open call, and every connected worker keeps a GetTask
+# long-poll open: the pool must exceed the workers, or heartbeats queue behind long-polls and workers are
+# dropped as dead. Threads start on demand, so an idle pool costs nothing (benchmarks/scale.py).
+GRPC_THREADS = int(os.environ.get("FEDERATOR_GRPC_THREADS", "1100"))
+REAP_EVERY = 0.2  # seconds between scans for workers that stopped beating
 MAX_TASK_ATTEMPTS = 3
 MiB = 1 << 20
 
@@ -95,6 +111,7 @@ class WorkerInfo:
     silo_samples: int
     last_seen: float
     task_id: str | None = None
+    long_polls: int = 0  # GetTask calls of this worker parked in next_task
 
 
 @dataclass
@@ -172,16 +189,28 @@ class FederationServer:
         self.run_id = secrets.token_hex(8)
         self.phase = "Pending"
         self.message = ""
+        self.warning = ""  # a training problem worth a user's attention (see diagnostics.py)
+        self.normalize_mode = resolve_mode(self.spec.data)
+        self.normalizer: Normalizer | None = None
+        self._normalization_fixed = False  # from the checkpoint, or at the start of round 1
+        self.eval_data = self.data.test
+        self._norm_pb: pb.Normalization | None = None
+        self._majority = majority_rate(self.data.test.y, self.data.num_classes)
         self._resume()
         self.version = model_version(self.run_id, self.completed)
         self.encoded: Encoded = encode(self.params, self.chunk_bytes)
 
-        self._cond = threading.Condition()
+        lock = threading.RLock()
+        self._cond = threading.Condition(lock)  # round bookkeeping changed (updates, joins, drops)
+        self._task_ready = threading.Condition(lock)  # tasks queued or the federation ended: wakes GetTask
+        self._next_reap = 0.0
+        self.long_polls = 0
         self._stopping = threading.Event()
         self.workers: dict[str, WorkerInfo] = {}
         self.queue: deque[str] = deque()
         self.current: RoundState | None = None
         self.silo_stats: dict[str, dict[str, Any]] = {}
+        self.silo_features: dict[str, FeatureStats] = {}  # silo -> its feature statistics (data.normalize)
         self.participants = 0
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -199,7 +228,7 @@ class FederationServer:
             self._m["loss"].set(self.history[-1]["loss"])
 
         self._grpc = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="grpc"),
+            futures.ThreadPoolExecutor(max_workers=GRPC_THREADS, thread_name_prefix="grpc"),
             options=[("grpc.max_receive_message_length", max_msg), ("grpc.max_send_message_length", max_msg)],
         )
         pb_grpc.add_FederatorServicer_to_server(_Servicer(self), self._grpc)
@@ -233,6 +262,12 @@ class FederationServer:
         self.history = [dict(h) for h in state["history"]]
         self.completed = int(state["completed_round"])
         self.run_id = str(state["run_id"])
+        if state.get("normalization"):
+            self._set_normalizer(Normalizer.from_state(state["normalization"]))
+        else:  # trained without normalisation (or before data.normalize existed): keep it that way
+            if "normalization" not in state and self.normalize_mode != "none":
+                log.warning("checkpoint predates data.normalize: resuming without normalisation")
+            self._set_normalizer(None)
         self.resumed = True
         log.info("resumed from checkpoint: %d of %d rounds completed", self.completed, self.spec.rounds)
 
@@ -249,6 +284,7 @@ class FederationServer:
         self._stopping.set()
         with self._cond:
             self._cond.notify_all()
+            self._task_ready.notify_all()
         self._grpc.stop(grace).wait()
         self._http.stop()
 
@@ -263,6 +299,8 @@ class FederationServer:
                 return 0
             if not self._wait_for_clients():
                 return 1
+            if not self._normalization_fixed:
+                self._fix_normalization()
             self.phase = "Running"
             self.message = ""  # "waiting for client workers" no longer holds: a later failure sets its own
             while self.completed < self.spec.rounds and not self._stopping.is_set():
@@ -276,6 +314,7 @@ class FederationServer:
         finally:
             with self._cond:
                 self._cond.notify_all()
+                self._task_ready.notify_all()
 
     def _wait_for_clients(self) -> bool:
         while not self._stopping.is_set():
@@ -327,11 +366,14 @@ class FederationServer:
             self.queue.extend(tasks)
             self._m["pending_tasks"].set(len(self.queue))
             self._cond.notify_all()
+            self._task_ready.notify_all()
             deadline = time.monotonic() + self.spec.clients.roundTimeoutSeconds
             cur = self.current
+            order, first_open = list(tasks.values()), 0  # done, dropped, cancelled are final: scan once
             while not self._stopping.is_set():
-                open_tasks = [t for t in tasks.values() if t.state in ("queued", "assigned")]
-                if not open_tasks:
+                while first_open < len(order) and order[first_open].state not in ("queued", "assigned"):
+                    first_open += 1
+                if first_open == len(order):
                     break
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -352,7 +394,7 @@ class FederationServer:
         self.params, self.opt_state = server_update(self.params, outcome.aggregate,
                                                     self.spec.aggregation.serverOptimizer, self.opt_state)
         set_params(self.model, self.params)
-        loss, acc = evaluate(self.model, self.data.test)
+        loss, acc = evaluate(self.model, self.eval_data)
         ended = time.time()
         record: dict[str, Any] = {
             "round": rnd,
@@ -387,7 +429,44 @@ class FederationServer:
         self._m["loss"].set(loss)
         log.info("round %d/%d: accuracy %.4f loss %.4f (%d updates, %.2fs)", rnd, self.spec.rounds, acc, loss,
                  accepted, record["round_seconds"])
+        self._check_learning()
         return None
+
+    def _check_learning(self) -> None:
+        stuck = stuck_at_majority([h["accuracy"] for h in self.history], self._majority)
+        if stuck and not self.warning:
+            self.warning = stuck_message(len(self.history), self._majority,
+                                         self.normalizer.mode if self.normalizer else "none")
+            log.warning("%s", self.warning)
+        elif not stuck:
+            self.warning = ""
+
+    # ------------------------------------------------------------------------------ normalisation
+
+    def _fix_normalization(self) -> None:
+        """Combine every client's feature statistics (simulated partitions and joined silos) once."""
+        if self.normalize_mode != "none":
+            with self._cond:
+                silos = dict(self.silo_features)
+            parts = [feature_stats(self.data.client(i).x) for i in range(self.data.num_clients)]
+            shape = self.data.input_shape
+            for silo, st in sorted(silos.items()):
+                if st.shape == shape:
+                    parts.append(st)
+                else:
+                    log.warning("silo %s: feature statistics of shape %s do not match %s; left out of "
+                                "data.normalize", silo, st.shape, shape)
+            pooled = combine_stats(parts)
+            self._set_normalizer(normalizer_from_stats(self.normalize_mode, pooled))
+            log.info("data.normalize=%s: statistics of %d clients (%d samples, %d silos) combined",
+                     self.normalize_mode, len(parts), pooled.count, len(parts) - self.data.num_clients)
+        self._normalization_fixed = True
+
+    def _set_normalizer(self, nz: Normalizer | None) -> None:
+        self.normalizer = nz
+        self.eval_data = nz.apply(self.data.test) if nz is not None else self.data.test
+        self._norm_pb = normalizer_to_proto(nz) if nz is not None else None
+        self._normalization_fixed = True
 
     def _byzantine_record(self, rnd: int, outcome: RoundResult) -> dict[str, Any]:
         det = self.spec.byzantine.detection
@@ -454,6 +533,7 @@ class FederationServer:
             "optimizer": state_to_dict(self.opt_state),
             "aggregation": agg_state.to_dict(),
             "history": history,
+            "normalization": self.normalizer.to_state() if self.normalizer is not None else None,
             "layout": [(t.name, t.dtype, list(t.shape)) for t in self.layout.tensors],
         })
         _write_json_atomic(self.state_dir / "metrics.json", {**self.metrics_document(), "rounds": history})
@@ -528,6 +608,8 @@ class FederationServer:
             "compressionRatio": 1.0,
             "pendingTasks": len(self.queue),
             "message": self.message,
+            "warning": self.warning,
+            "normalize": self.normalizer.mode if self.normalizer is not None else "none",
             "roundStartedAt": self.current.started if self.current else None,
             "silos": self.silo_stats,
         }).payload()
@@ -535,8 +617,13 @@ class FederationServer:
     def _reap_dead_workers(self) -> None:
         """Forget workers that stopped beating and requeue their tasks (caller holds the lock)."""
         now = time.monotonic()
+        if now < self._next_reap:  # called on every wake-up of the round loop: scan at most every REAP_EVERY
+            return
+        self._next_reap = now + REAP_EVERY
         for wid, w in list(self.workers.items()):
-            if now - w.last_seen > self.dead_after:
+            # a worker parked in GetTask holds no task (asking gave it up) and returns within 10 s: its
+            # heartbeats, late when the server is busy, need not keep it alive meanwhile
+            if now - w.last_seen > self.dead_after and w.long_polls == 0:
                 log.warning("worker %s (%s) stopped responding; requeueing its task", w.name, wid)
                 self._drop_worker(wid)
 
@@ -554,6 +641,7 @@ class FederationServer:
             self.silo_stats[w.silo]["joined"] = False
         self._m["clients_connected"].set(len(self.workers))
         self._cond.notify_all()
+        self._task_ready.notify_all()
 
     def check_token(self, token: str, silo: str | None = None) -> bool:
         if silo:
@@ -578,6 +666,11 @@ class FederationServer:
             if silo:
                 self.silo_stats.setdefault(silo, {"joined": True, "roundsParticipated": 0,
                                                   "lastUpdateTime": None, "flagged": False})["joined"] = True
+                if req.HasField("feature_stats"):
+                    try:
+                        self.silo_features[silo] = stats_from_proto(req.feature_stats)
+                    except DataError as exc:
+                        log.warning("silo %s: ignoring its feature statistics: %s", silo, exc)
             self._m["clients_connected"].set(len(self.workers))
             self._cond.notify_all()
         log.info("worker %s joined as %s%s", w.name, wid, f" (silo {silo})" if silo else "")
@@ -599,7 +692,13 @@ class FederationServer:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return "none"
-                self._cond.wait(remaining)
+                self.long_polls += 1  # GetTask calls parked here, each holding one gRPC thread
+                w.long_polls += 1
+                try:
+                    self._task_ready.wait(remaining)
+                finally:
+                    self.long_polls -= 1
+                    w.long_polls -= 1
 
     def _take_task(self, w: WorkerInfo) -> Task | None:
         if self.current is None or self.current.closed:
@@ -637,6 +736,7 @@ class FederationServer:
                         self.queue.append(task.task_id)
                     self._m["pending_tasks"].set(len(self.queue))
                     self._cond.notify_all()
+                    self._task_ready.notify_all()
         self.metrics.updates.labels(**self._lv, outcome="late" if late else "rejected").inc()
         self.metrics.rejections.labels(**self._lv, reason=reason).inc()
         log.warning("update rejected (%s): %s", reason, detail)
@@ -773,7 +873,7 @@ class _Servicer(pb_grpc.FederatorServicer):
         yield pb.TaskMessage(header=pb.TaskHeader(
             kind=pb.TaskHeader.TRAIN, task_id=got.task_id, round=got.round, client_id=got.client_id,
             version=version, weights_included=include, tensors=list(encoded.specs) if include else [],
-            total_bytes=encoded.total_bytes if include else 0,
+            total_bytes=encoded.total_bytes if include else 0, normalization=s._norm_pb,
         ))
         if include:
             for chunk in encoded.chunks():
