@@ -287,6 +287,7 @@ def test_kill_9_of_run_leaves_no_process_and_resume_runs_each_round_once(tmp_pat
     assert len(children) == 3  # the server and two workers
     proc.kill()
     proc.wait(10)
+    proc.stdout.close()  # (warnings are errors: an unclosed pipe fails the test)
     # they notice the lost parent at once (PR_SET_PDEATHSIG, or EOF on the lifeline pipe) and stop
     wait_for(lambda: not (children & set(_processes_mentioning(str(path)))), 60, "every child process to exit")
 
