@@ -188,7 +188,7 @@ class FederationServer:
         self.resumed = False  # True when this process continued a run from its checkpoint
         self.run_id = secrets.token_hex(8)
         self.phase = "Pending"
-        self.message = ""
+        self.message = "waiting for client workers to join"  # until run() has them (/status is served before)
         self.warning = ""  # a training problem worth a user's attention (see diagnostics.py)
         self.normalize_mode = resolve_mode(self.spec.data)
         self.normalizer: Normalizer | None = None
