@@ -8,6 +8,7 @@
 #   benchmarks/run.sh attack               # only accuracy under attack (benchmarks/attack_accuracy.py)
 #   benchmarks/run.sh robust               # only robust-aggregation throughput against byzfl
 #   benchmarks/run.sh startup --runs 5     # only the quickstart's start-up (benchmarks/startup.py)
+#   benchmarks/run.sh scale                # only server cost per task (1,000 clients) and 500 workers
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -54,6 +55,7 @@ case "${1:-}" in
   attack) exec "$VENV/bin/python" benchmarks/attack_accuracy.py "${@:2}" ;;
   robust) byzfl_venv; exec "$VENV/bin/python" benchmarks/robust_throughput.py --byzfl-python "$BYZFL_VENV/bin/python" "${@:2}" ;;
   startup) exec "$VENV/bin/python" benchmarks/startup.py "${@:2}" ;;
+  scale) exec "$VENV/bin/python" benchmarks/scale.py "${@:2}" ;;
 esac
 "$VENV/bin/python" benchmarks/bench_flower.py --federator "$VENV/bin/federator" --bench-venv "$BENCH_VENV" "$@"
 if [[ $# -eq 0 ]]; then
@@ -64,4 +66,5 @@ if [[ $# -eq 0 ]]; then
   byzfl_venv
   "$VENV/bin/python" benchmarks/robust_throughput.py --byzfl-python "$BYZFL_VENV/bin/python"
   "$VENV/bin/python" benchmarks/startup.py
+  "$VENV/bin/python" benchmarks/scale.py
 fi

@@ -243,6 +243,8 @@ def _info(st: dict[str, Any]) -> str:
     if loss is not None:
         parts.append(f"loss {loss:.3f}")
     parts.append(f"{st['clients']['participants']} updates/round  {st['clients']['connected']} connected")
+    if st.get("warning"):
+        parts.append(f"[yellow]warning: {st['warning']}[/yellow]")
     return "  ".join(parts)
 
 

@@ -11,6 +11,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from federator.api.cel import cel
+from federator.api.names import MAX_NAME_LENGTH
 from federator.api.tolerance import tolerance_problem
 
 GROUP = "federator.dev"
@@ -101,8 +103,18 @@ class DataSpec(Strict):
         float, Field(gt=0.0, lt=1.0, description="Share of the data held out for central evaluation.")
     ] = 0.2
     seed: Annotated[int, Field(ge=0, le=2**31 - 1, description="Seed for splits, sampling and init.")] = 0
+    normalize: Annotated[
+        Literal["standard", "minmax", "none"] | None,
+        Field(
+            description="Per-feature scaling from the clients' pooled statistics, fixed before round 1: "
+            "standard (zero mean, unit variance), minmax (0..1) or none. Default: standard for npz and csv, "
+            "none for the built-in and imagefolder data sets."
+        ),
+    ] = None
 
     @model_validator(mode="after")
+    @cel("!(self.dataset in ['npz', 'csv', 'imagefolder']) || has(self.path)",
+         "path is required when dataset is npz, csv or imagefolder", field_path=".path")
     def _path_for_file_datasets(self) -> DataSpec:
         if self.dataset in ("npz", "csv", "imagefolder") and not self.path:
             raise ValueError(f"path is required when dataset is {self.dataset!r}: set data.path to the file")
@@ -160,6 +172,7 @@ class AutoscalingSpec(Strict):
     ] = 2.0
 
     @model_validator(mode="after")
+    @cel("self.minReplicas <= self.maxReplicas", "minReplicas must be <= maxReplicas", field_path=".minReplicas")
     def _min_le_max(self) -> AutoscalingSpec:
         if self.minReplicas > self.maxReplicas:
             raise ValueError(
@@ -200,6 +213,9 @@ class ClientsSpec(Strict):
         return self.minPerRound if self.minPerRound is not None else self.per_round
 
     @model_validator(mode="after")
+    @cel("!has(self.perRound) || self.perRound <= self.count", "perRound must be <= count", field_path=".perRound")
+    @cel("!has(self.minPerRound) || self.minPerRound <= (has(self.perRound) ? self.perRound : self.count)",
+         "minPerRound must be <= perRound (perRound defaults to count)", field_path=".minPerRound")
     def _round_sizes(self) -> ClientsSpec:
         if self.per_round > self.count:
             raise ValueError(f"perRound ({self.per_round}) must be <= count ({self.count})")
@@ -309,6 +325,7 @@ class ReputationSpec(Strict):
     quarantineRounds: Annotated[int, Field(ge=0, le=100_000, description="Rounds a quarantine lasts (q).")] = 5
 
     @model_validator(mode="after")
+    @cel("self.k <= self.window", "k must be <= window", field_path=".k")
     def _k_within_window(self) -> ReputationSpec:
         if self.k > self.window:
             raise ValueError(f"k ({self.k}) must be <= window ({self.window}): a client can be flagged at most "
@@ -335,6 +352,7 @@ class AttackSpec(Strict):
     ] = {}
 
     @model_validator(mode="after")
+    @cel("has(self.count) != has(self.fraction)", "set exactly one of count or fraction")
     def _count_or_fraction(self) -> AttackSpec:
         if (self.count is None) == (self.fraction is None):
             raise ValueError("set exactly one of count or fraction: how many simulated clients attack")
@@ -359,6 +377,8 @@ class ByzantineSpec(Strict):
     attack: AttackSpec | None = None
 
     @model_validator(mode="after")
+    @cel("!has(self.reputation) || has(self.detection)",
+         "reputation counts detection flags: set byzantine.detection too", field_path=".reputation")
     def _reputation_needs_detection(self) -> ByzantineSpec:
         if self.reputation is not None and self.detection is None:
             raise ValueError("reputation counts detection flags: set byzantine.detection too (e.g. method: norm)")
@@ -394,6 +414,9 @@ class UplinkCompressionSpec(Strict):
         return self.topK < 1.0 or self.bits < 32
 
     @model_validator(mode="after")
+    @cel("!has(self.errorFeedback) || !self.errorFeedback || (has(self.topK) && self.topK < 1.0) || "
+         "(has(self.bits) && self.bits < 32)",
+         "errorFeedback needs a lossy uplink: set topK below 1 or bits to 8, 4 or 2", field_path=".errorFeedback")
     def _feedback_needs_loss(self) -> UplinkCompressionSpec:
         if self.errorFeedback and not self.enabled:
             raise ValueError("errorFeedback needs a lossy uplink: set topK below 1 or bits to 8, 4 or 2")
@@ -431,6 +454,12 @@ class CheckpointSpec(Strict):
     enabled: bool = True
     size: Annotated[str, Field(pattern=QUANTITY_PATTERN)] = "1Gi"
     storageClassName: str | None = None
+    whenDeleted: Annotated[
+        Literal["Retain", "Delete"],
+        Field(description="The checkpoint volume when the Federation is deleted: Retain keeps it "
+                          "(a Federation of the same name resumes from it; delete the claim by hand to start "
+                          "over), Delete deletes it with every completed round."),
+    ] = "Retain"
 
 
 class ServerSpec(Strict):
@@ -444,6 +473,7 @@ class ServerSpec(Strict):
     ] = 8
 
     @model_validator(mode="after")
+    @cel("self.port != self.metricsPort", "port and metricsPort must differ", field_path=".metricsPort")
     def _ports_differ(self) -> ServerSpec:
         if self.port == self.metricsPort:
             raise ValueError(f"port and metricsPort must differ (both are {self.port})")
@@ -477,6 +507,13 @@ class FederationSpec(Strict):
     monitoring: MonitoringSpec = MonitoringSpec()
 
     @model_validator(mode="after")
+    # CEL restates the part it expresses simply: fedavg tolerates no Byzantine client. The rest (each robust
+    # rule's limit) is checked by the model, so by `federator validate` and the operator.
+    @cel("!has(self.byzantine) || !has(self.byzantine.expectedFraction) || self.byzantine.expectedFraction == 0.0 || "
+         "(has(self.aggregation) && has(self.aggregation.rule) && self.aggregation.rule != 'fedavg')",
+         "aggregation.rule fedavg tolerates no Byzantine client: with byzantine.expectedFraction > 0 use a robust "
+         "rule (median, trimmed_mean, krum, multi_krum, geometric_median, centered_clipping)",
+         field_path=".byzantine.expectedFraction")
     def _byzantine_within_tolerance(self) -> FederationSpec:
         problem = tolerance_problem(self)
         if problem:
@@ -549,7 +586,9 @@ class ObjectMeta(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    name: Annotated[str, Field(min_length=1, max_length=63, pattern=DNS_LABEL_PATTERN)]
+    name: Annotated[str, Field(
+        min_length=1, max_length=MAX_NAME_LENGTH, pattern=DNS_LABEL_PATTERN,
+        description=f"At most {MAX_NAME_LENGTH} characters: children append suffixes (see federator/api/names.py).")]
     namespace: Annotated[str, Field(min_length=1, max_length=63, pattern=DNS_LABEL_PATTERN)] = "default"
     labels: dict[str, str] = {}
     annotations: dict[str, str] = {}
@@ -577,6 +616,8 @@ class VolumeSource(Strict):
     hostPath: str | None = None
 
     @model_validator(mode="after")
+    @cel("has(self.persistentVolumeClaim) != has(self.hostPath)",
+         "set exactly one of persistentVolumeClaim or hostPath")
     def _exactly_one(self) -> VolumeSource:
         if (self.persistentVolumeClaim is None) == (self.hostPath is None):
             raise ValueError("set exactly one of persistentVolumeClaim or hostPath")
@@ -593,7 +634,7 @@ class SiloDataSpec(Strict):
 
 
 class FederationRef(Strict):
-    name: Annotated[str, Field(min_length=1, max_length=63, pattern=DNS_LABEL_PATTERN)]
+    name: Annotated[str, Field(min_length=1, max_length=MAX_NAME_LENGTH, pattern=DNS_LABEL_PATTERN)]
 
 
 class FederatedClientSpec(Strict):

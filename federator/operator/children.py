@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from federator.api import names
 from federator.api.models import (
     API_VERSION,
     FederatedClient,
@@ -38,6 +39,7 @@ CONFIG_DIR = "/etc/federator"
 CONFIG_FILE = f"{CONFIG_DIR}/federation.yaml"
 SECRET_DIR = f"{CONFIG_DIR}/secret"
 STATE_DIR = "/var/lib/federator"
+STATE_CLAIM = "state"  # the volume claim template of the server StatefulSet
 DATA_DIR = "/data"
 CLIENT_METRICS_PORT = 9090
 RUN_AS = 10001  # the runtime image's user (runtime/Dockerfile)
@@ -88,23 +90,28 @@ class Desired:
 
 
 def server_name(federation: str) -> str:
-    return f"{federation}-server"
+    return f"{federation}{names.SERVER}"
 
 
 def clients_name(federation: str) -> str:
-    return f"{federation}-clients"
+    return f"{federation}{names.CLIENTS}"
 
 
 def config_name(federation: str) -> str:
-    return f"{federation}-config"
+    return f"{federation}{names.CONFIG}"
 
 
 def secret_name(federation: str) -> str:
-    return f"{federation}-credentials"
+    return f"{federation}{names.CREDENTIALS}"
 
 
 def silo_name(client: str) -> str:
-    return f"{client}-silo"
+    return f"{client}{names.SILO}"
+
+
+def checkpoint_claim_name(federation: str) -> str:
+    """The PersistentVolumeClaim the server StatefulSet's one pod gets (`<template>-<statefulset>-0`)."""
+    return f"{STATE_CLAIM}-{server_name(federation)}-0"
 
 
 def server_address(federation: str, namespace: str, port: int) -> str:
@@ -178,11 +185,13 @@ def config_text(fed: Federation) -> str:
 
 
 def config_hash(fed: Federation) -> str:
-    """A hash of the runtime config without the scaling fields: a change restarts pods, scaling does not."""
+    """A hash of the runtime config without the scaling and retention fields: a change restarts pods, scaling
+    (or keeping the checkpoint volume) does not."""
     config = runtime_config(fed)
     clients = config["spec"].get("clients", {})
     clients.pop("workers", None)
     clients.pop("autoscaling", None)
+    config["spec"].get("server", {}).get("checkpoint", {}).pop("whenDeleted", None)  # what Kubernetes does with it
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -335,7 +344,7 @@ def server_container(fed: Federation) -> dict[str, Any]:
         "server", server.template, args,
         mounts=[
             {"name": "federator", "mountPath": CONFIG_DIR, "readOnly": True},
-            {"name": "state", "mountPath": STATE_DIR},
+            {"name": STATE_CLAIM, "mountPath": STATE_DIR},
             {"name": "tmp", "mountPath": "/tmp"},
         ],
         ports=[
@@ -356,7 +365,7 @@ def _server_pod_template(fed: Federation, *, state_from_claim: bool) -> dict[str
         {"name": "tmp", "emptyDir": {}},
     ]
     if not state_from_claim:
-        volumes.append({"name": "state", "emptyDir": {}})
+        volumes.append({"name": STATE_CLAIM, "emptyDir": {}})
     return {
         "metadata": {
             "labels": labels(name, "server"),
@@ -383,7 +392,8 @@ def server_deployment(fed: Federation, owner: Owner) -> dict[str, Any]:
 
 
 def server_statefulset(fed: Federation, owner: Owner) -> dict[str, Any]:
-    """One server pod with its checkpoint on a PersistentVolumeClaim (deleted with the Federation)."""
+    """One server pod with its checkpoint on a PersistentVolumeClaim, kept when the Federation is deleted
+    unless `checkpoint.whenDeleted` says Delete. The claim is `state-<federation>-server-0`."""
     name, ns = fed.metadata.name, fed.metadata.namespace
     checkpoint = fed.spec.server.checkpoint
     claim_spec: dict[str, Any] = {
@@ -401,11 +411,11 @@ def server_statefulset(fed: Federation, owner: Owner) -> dict[str, Any]:
             "serviceName": server_name(name),
             "podManagementPolicy": "OrderedReady",
             "updateStrategy": {"type": "RollingUpdate"},
-            "persistentVolumeClaimRetentionPolicy": {"whenDeleted": "Delete", "whenScaled": "Retain"},
+            "persistentVolumeClaimRetentionPolicy": {"whenDeleted": checkpoint.whenDeleted, "whenScaled": "Retain"},
             "selector": {"matchLabels": selector_labels(name, "server")},
             "template": _server_pod_template(fed, state_from_claim=True),
             "volumeClaimTemplates": [
-                {"metadata": {"name": "state", "labels": labels(name, "server")}, "spec": claim_spec}
+                {"metadata": {"name": STATE_CLAIM, "labels": labels(name, "server")}, "spec": claim_spec}
             ],
         },
     }

@@ -13,12 +13,15 @@ import aiohttp
 import kopf
 
 from federator.api.models import GROUP, VERSION
-from federator.operator import reconcile
-from federator.operator.kube import Kube
+from federator.operator import daemon, drift, reconcile
+from federator.operator.kube import MANAGED_BY, MANAGED_BY_LABEL, PLURALS, Kube
 
 FEDERATIONS = (GROUP, VERSION, "federations")
 CLIENTS = (GROUP, VERSION, "federatedclients")
 FINALIZER = "federator.dev/finalizer"
+# every kind of child the operator creates (kopf watches those that the cluster serves)
+CHILD_KINDS = ("ConfigMap", "Secret", "Service", "Deployment", "StatefulSet", "HorizontalPodAutoscaler",
+               "PodDisruptionBudget", "NetworkPolicy", "ServiceMonitor")
 
 
 @kopf.on.startup()
@@ -42,8 +45,11 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
         memo["kube"] = Kube.from_environment()
     if "http" not in memo:
         memo["http"] = aiohttp.ClientSession()
-    # kopf gives each object a shallow copy of this memo: a shared dict is how cleanup reaches the daemons
+    # kopf gives each object a shallow copy of this memo: shared objects are how cleanup reaches the
+    # daemons and how a changed child wakes its owner's resync
     memo["lifecycle"] = {"closing": False}
+    memo["nudges"] = drift.Nudges()
+    memo["apis"] = {}
 
 
 @kopf.on.cleanup()
@@ -69,7 +75,7 @@ async def federation(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_:
         kube=memo["kube"], config=memo["config"], body=body, memo=memo, logger=logger)
 
 
-@kopf.daemon(*FEDERATIONS, id="status", cancellation_timeout=5.0)
+@kopf.daemon(*FEDERATIONS, id="status", cancellation_backoff=2.0, cancellation_timeout=5.0)
 async def federation_status(
     body: kopf.Body, memo: kopf.Memo, stopped: kopf.DaemonStopped, logger: kopf.Logger, **_: Any
 ) -> None:
@@ -77,8 +83,28 @@ async def federation_status(
         await reconcile.poll_federation(
             kube=memo["kube"], session=memo["http"], config=memo["config"], body=body, memo=memo)
 
-    await reconcile.status_loop(poll, stopped=stopped, interval=memo["config"].status_interval, logger=logger,
-                                closing=lambda: bool(memo["lifecycle"]["closing"]))
+    await daemon.daemon_loop(poll, stopped=stopped, interval=memo["config"].status_interval, logger=logger,
+                              closing=lambda: bool(memo["lifecycle"]["closing"]))
+
+
+@kopf.daemon(*FEDERATIONS, id="resync", cancellation_backoff=2.0, cancellation_timeout=5.0)
+async def federation_resync(
+    body: kopf.Body, memo: kopf.Memo, stopped: kopf.DaemonStopped, logger: kopf.Logger, **_: Any
+) -> None:
+    async def resync() -> None:
+        await reconcile.reconcile_federation(
+            kube=memo["kube"], config=memo["config"], body=body, memo=memo, logger=logger, resync=True)
+
+    await _resync_loop(resync, body=body, memo=memo, stopped=stopped, logger=logger)
+
+
+async def _resync_loop(resync: daemon.Step, *, body: kopf.Body, memo: kopf.Memo, stopped: kopf.DaemonStopped,
+                       logger: kopf.Logger) -> None:
+    config = memo["config"]
+    with memo["nudges"].registered(body["metadata"]["uid"]) as wake:
+        await daemon.daemon_loop(resync, stopped=stopped, interval=config.resync_interval, logger=logger,
+                                 what="resync", wake=wake, wait_first=True, retry_after=config.retry_delay,
+                                 closing=lambda: bool(memo["lifecycle"]["closing"]))
 
 
 # ----------------------------------------------------------------------------------- FederatedClient
@@ -97,7 +123,18 @@ async def federated_client_deleted(body: kopf.Body, memo: kopf.Memo, logger: kop
     await reconcile.delete_client(kube=memo["kube"], body=body, logger=logger)
 
 
-@kopf.daemon(*CLIENTS, id="status", cancellation_timeout=5.0)
+@kopf.daemon(*CLIENTS, id="resync", cancellation_backoff=2.0, cancellation_timeout=5.0)
+async def federated_client_resync(
+    body: kopf.Body, memo: kopf.Memo, stopped: kopf.DaemonStopped, logger: kopf.Logger, **_: Any
+) -> None:
+    async def resync() -> None:
+        await reconcile.reconcile_client(
+            kube=memo["kube"], config=memo["config"], body=body, memo=memo, logger=logger, resync=True)
+
+    await _resync_loop(resync, body=body, memo=memo, stopped=stopped, logger=logger)
+
+
+@kopf.daemon(*CLIENTS, id="status", cancellation_backoff=2.0, cancellation_timeout=5.0)
 async def federated_client_status(
     body: kopf.Body, memo: kopf.Memo, stopped: kopf.DaemonStopped, logger: kopf.Logger, **_: Any
 ) -> None:
@@ -105,5 +142,18 @@ async def federated_client_status(
         await reconcile.poll_client(
             kube=memo["kube"], session=memo["http"], config=memo["config"], body=body, memo=memo)
 
-    await reconcile.status_loop(poll, stopped=stopped, interval=memo["config"].status_interval, logger=logger,
-                                closing=lambda: bool(memo["lifecycle"]["closing"]))
+    await daemon.daemon_loop(poll, stopped=stopped, interval=memo["config"].status_interval, logger=logger,
+                              closing=lambda: bool(memo["lifecycle"]["closing"]))
+
+
+# ------------------------------------------------------------------------------------------ children
+
+
+async def child_changed(body: kopf.Body, type: str | None, memo: kopf.Memo, **_: Any) -> None:
+    reconcile.child_changed(memo, body, type)
+
+
+for (_api_version, _kind), _plural in PLURALS.items():
+    if _kind in CHILD_KINDS:
+        kopf.on.event(_api_version, _plural, id=f"child-{_kind.lower()}",
+                      labels={MANAGED_BY_LABEL: MANAGED_BY})(child_changed)

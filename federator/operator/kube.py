@@ -3,14 +3,19 @@
 A small asyncio client over aiohttp. Credentials come from the `kubernetes` package's loaders (in-cluster
 service account first, then kubeconfig), so every authentication method it knows works here too.
 
-`apply()` is server-side apply (`fieldManager=federator`, `force=true`), preceded by a read: when the
-live object already has everything the desired manifest says, nothing is sent. So a second reconcile
-pass issues no mutating request at all, and a restarted operator adopts what exists without churn.
+`apply()` is server-side apply (`fieldManager=federator`, `force=true`), preceded by a read. Every applied
+object carries a hash of the manifest it was applied from (annotation `federator.dev/applied-hash`).
+Nothing is sent when the live object carries the hash of the desired manifest *and* still holds every
+field of it: so a second reconcile pass issues no mutating request at all, a restarted operator adopts
+what exists without churn, a field dropped from the desired manifest changes the hash (and server-side
+apply removes it from the cluster), and a field someone edited by hand is applied back.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
+import hashlib
 import json
 import logging
 import ssl
@@ -27,6 +32,7 @@ logger = logging.getLogger(__name__)
 FIELD_MANAGER = "federator"
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 MANAGED_BY = "federator"
+APPLIED_HASH_ANNOTATION = "federator.dev/applied-hash"
 
 # (apiVersion, kind) -> plural: the kinds Federator reads or writes; no discovery round-trips needed.
 PLURALS: dict[tuple[str, str], str] = {
@@ -44,9 +50,11 @@ PLURALS: dict[tuple[str, str], str] = {
     (API_VERSION, "FederatedClient"): "federatedclients",
 }
 
-# Kinds whose immutable fields (a StatefulSet's volumeClaimTemplates, a selector) may only change by
-# deleting and re-creating the object.
-RECREATE_ON_IMMUTABLE = {"StatefulSet", "Deployment", "PodDisruptionBudget"}
+# Stateless kinds whose immutable fields (a selector) may only change by deleting and re-creating them.
+RECREATE_ON_IMMUTABLE = {"Deployment", "PodDisruptionBudget"}
+# Kinds that hold the checkpoint: never deleted by the operator, for any reason (an immutable-field change
+# is refused instead; see immutable.py), so no request of this client can lose a completed round.
+NEVER_DELETED = {"StatefulSet", "PersistentVolumeClaim"}
 
 ApplyOutcome = Literal["unchanged", "applied", "recreated"]
 
@@ -59,6 +67,16 @@ class ApiError(Exception):
         self.status = status
         self.reason = reason
         self.message = message
+
+
+class ImmutableFieldError(Exception):
+    """The API server refused (422) a change to a kind that is never deleted to apply a change."""
+
+    def __init__(self, kind: str, name: str, reason: str) -> None:
+        super().__init__(f"{kind} {name}: {reason}")
+        self.kind = kind
+        self.name = name
+        self.reason = reason
 
 
 class ForeignObjectError(Exception):
@@ -101,6 +119,30 @@ def covers(live: Any, desired: Any) -> bool:
     if isinstance(desired, bool) or isinstance(live, bool):
         return live is desired
     return bool(live == desired)
+
+
+def applied_hash(manifest: Mapping[str, Any]) -> str:
+    """A hash of a desired manifest (its own applied-hash annotation left out)."""
+    bare = copy.deepcopy(dict(manifest))
+    annotations = (bare.get("metadata") or {}).get("annotations") or {}
+    annotations.pop(APPLIED_HASH_ANNOTATION, None)
+    if "metadata" in bare and not annotations:
+        bare["metadata"].pop("annotations", None)
+    return hashlib.sha256(json.dumps(bare, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:20]
+
+
+def with_applied_hash(manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """The manifest as applied: with the hash of itself in its annotations (the input is not changed)."""
+    out = copy.deepcopy(dict(manifest))
+    meta = out.setdefault("metadata", {})
+    meta["annotations"] = {**(meta.get("annotations") or {}), APPLIED_HASH_ANNOTATION: applied_hash(manifest)}
+    return out
+
+
+def is_current(live: Mapping[str, Any], desired: Mapping[str, Any]) -> bool:
+    """Whether `live` was applied from `desired` (same hash) and nobody has changed its fields since."""
+    annotations = (live.get("metadata") or {}).get("annotations") or {}
+    return annotations.get(APPLIED_HASH_ANNOTATION) == applied_hash(desired) and covers(live, desired)
 
 
 def is_managed(obj: Mapping[str, Any]) -> bool:
@@ -159,6 +201,7 @@ class Kube:
     field_manager: str = FIELD_MANAGER
     requests: dict[str, int] = field(default_factory=dict)  # method -> count (for tests and benchmarks)
     _session: aiohttp.ClientSession | None = field(default=None, init=False, repr=False)
+    _closed: bool = field(default=False, init=False, repr=False)
 
     @classmethod
     def from_environment(cls) -> Kube:
@@ -166,6 +209,8 @@ class Kube:
 
     @property
     def session(self) -> aiohttp.ClientSession:
+        if self._closed:  # a handler still running after the operator's cleanup must not open a new one
+            raise RuntimeError("the Kubernetes API client is closed: the operator is exiting")
         if self._session is None or self._session.closed:
             connector = aiohttp.TCPConnector(ssl=self.connection.ssl_context or False, limit=32)
             self._session = aiohttp.ClientSession(
@@ -174,6 +219,7 @@ class Kube:
         return self._session
 
     async def close(self) -> None:
+        self._closed = True
         if self._session is not None and not self._session.closed:
             await self._session.close()
             await asyncio.sleep(0)  # let the connector close its transports
@@ -245,8 +291,12 @@ class Kube:
 
     # ------------------------------------------------------------------------------------- writing
 
-    async def apply(self, manifest: Mapping[str, Any]) -> ApplyOutcome:
-        """Server-side apply, skipped when the live object already matches; re-create on immutability."""
+    async def apply(self, desired: Mapping[str, Any]) -> ApplyOutcome:
+        """Server-side apply, skipped when the live object is current (see `is_current`).
+
+        A 422 (an immutable field) re-creates a stateless kind and raises ImmutableFieldError for the others.
+        """
+        manifest = with_applied_hash(desired)
         api_version, kind = manifest["apiVersion"], manifest["kind"]
         meta = manifest["metadata"]
         live = await self.get(api_version, kind, meta["namespace"], meta["name"])
@@ -255,11 +305,13 @@ class Kube:
                 raise ForeignObjectError(
                     f"{kind} {meta['namespace']}/{meta['name']} exists and is not managed by Federator; "
                     f"rename or delete it")
-            if covers(live, manifest):
+            if is_current(live, manifest):
                 return "unchanged"
         try:
             await self._server_side_apply(manifest)
         except ApiError as exc:
+            if exc.status == 422 and kind in NEVER_DELETED and live is not None:
+                raise ImmutableFieldError(kind, meta["name"], exc.message) from None
             if exc.status != 422 or kind not in RECREATE_ON_IMMUTABLE or live is None:
                 raise
             logger.info("re-creating %s %s/%s: %s", kind, meta["namespace"], meta["name"], exc.message)
@@ -310,7 +362,9 @@ class Kube:
         return result
 
     async def delete(self, api_version: str, kind: str, namespace: str, name: str) -> bool:
-        """Delete (background propagation); False if it was not there."""
+        """Delete (background propagation); False if it was not there. Never a kind in NEVER_DELETED."""
+        if kind in NEVER_DELETED:
+            raise ValueError(f"Federator never deletes a {kind} ({namespace}/{name}): it may hold the checkpoint")
         try:
             await self.request(
                 "DELETE",

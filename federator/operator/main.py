@@ -31,9 +31,19 @@ def operator_options(namespaces: list[str] | None, peering: str | None, priority
     return options
 
 
+class QuietChildWatches(logging.Filter):
+    """Drop kopf's per-event lines for the watches on children (every Deployment status change has one)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("Handler 'child-") and message.endswith(("is invoked.", "succeeded.")))
+
+
 def main(args: argparse.Namespace) -> int:
     kopf.configure(verbose=bool(args.verbose), log_prefix=True)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    if not args.verbose:
+        logging.getLogger("kopf.objects").addFilter(QuietChildWatches())
     options = operator_options(args.namespace, args.peering, args.priority)
     if not options["standalone"]:
         logging.getLogger(__name__).info("peering %r with priority %d", args.peering, options["priority"])

@@ -8,6 +8,7 @@ event, before any child exists); something not ready yet is `kopf.TemporaryError
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import datetime
 import logging
@@ -19,11 +20,19 @@ import aiohttp
 import kopf
 from pydantic import BaseModel, ValidationError
 
-from federator.api.crd import MAX_NAME_LENGTH
 from federator.api.manifest import format_validation_error
 from federator.api.models import API_VERSION, FederatedClient, Federation
-from federator.operator import children, secrets, status
-from federator.operator.kube import ApiError, ForeignObjectError, Kube, covers, is_managed
+from federator.api.serverstatus import ServerStatus
+from federator.operator import children, drift, immutable, secrets, status
+from federator.operator.kube import (
+    NEVER_DELETED,
+    ApiError,
+    ForeignObjectError,
+    ImmutableFieldError,
+    Kube,
+    covers,
+    is_managed,
+)
 
 FILE_DATASETS = ("npz", "csv", "imagefolder")
 
@@ -38,6 +47,9 @@ class OperatorConfig:
     status_timeout: float = 5.0  # [FEDERATOR_STATUS_TIMEOUT]
     startup_grace: float = 180.0  # a new server may not answer for this long [FEDERATOR_STARTUP_GRACE]
     retry_delay: float = 15.0  # delay of TemporaryError retries [FEDERATOR_RETRY_DELAY]
+    # seconds between level-triggered passes over every object; a changed child wakes its owner's pass at
+    # once, so this only bounds what no watch event reports [FEDERATOR_RESYNC_INTERVAL]
+    resync_interval: float = 300.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorConfig:
@@ -49,6 +61,7 @@ class OperatorConfig:
             status_timeout=float(env.get("FEDERATOR_STATUS_TIMEOUT", base.status_timeout)),
             startup_grace=float(env.get("FEDERATOR_STARTUP_GRACE", base.startup_grace)),
             retry_delay=float(env.get("FEDERATOR_RETRY_DELAY", base.retry_delay)),
+            resync_interval=float(env.get("FEDERATOR_RESYNC_INTERVAL", base.resync_interval)),
         )
 
     def status_url(self, name: str, namespace: str, port: int) -> str:
@@ -78,15 +91,9 @@ def _manifest(body: Mapping[str, Any]) -> dict[str, Any]:
 
 def _validate(model: type[Federation | FederatedClient], body: Mapping[str, Any]) -> Any:
     try:
-        obj = model.model_validate(_manifest(body))
+        return model.model_validate(_manifest(body))
     except ValidationError as exc:
         raise InvalidSpec("; ".join(format_validation_error(exc))) from None
-    problems = []
-    if len(obj.metadata.name) > MAX_NAME_LENGTH:
-        problems.append(f"metadata.name: at most {MAX_NAME_LENGTH} characters (children append suffixes)")
-    if problems:
-        raise InvalidSpec("; ".join(problems))
-    return obj
 
 
 def parse_federation(body: Mapping[str, Any]) -> Federation:
@@ -226,45 +233,105 @@ async def _bound_clients(kube: Kube, namespace: str, federation: str) -> list[tu
     return sorted(out, key=lambda pair: pair[0].metadata.name)
 
 
-async def service_monitor_api(kube: Kube, memo: Any) -> bool:
-    cached = memo.get("service_monitor_api")
-    if cached is None:
-        cached = await kube.has_resource(children.SERVICE_MONITOR_API, "servicemonitors")
-        memo["service_monitor_api"] = cached
-    return bool(cached)
+async def service_monitor_api(kube: Kube, memo: Any, *, refresh: bool) -> bool:
+    """Whether the cluster serves ServiceMonitors (the Prometheus Operator may be installed later).
+
+    One answer for the whole operator, asked again on every resync pass (`refresh`).
+    """
+    apis = memo.setdefault("apis", {})
+    if refresh or children.SERVICE_MONITOR_API not in apis:
+        apis[children.SERVICE_MONITOR_API] = await kube.has_resource(children.SERVICE_MONITOR_API, "servicemonitors")
+    return bool(apis[children.SERVICE_MONITOR_API])
 
 
 def is_finished(raw_status: Mapping[str, Any] | None) -> bool:
     return (raw_status or {}).get("phase") in status.TERMINAL_PHASES
 
 
-async def apply_worker_pool(kube: Kube, fed: Federation, uid: str, *, finished: bool) -> None:
-    """Scale the worker pool for a federation that finished (to zero) or runs again (back to its spec)."""
-    desired = children.federation_children(fed, uid, service_monitor_api=False, finished=finished)
-    pool = {children.clients_name(fed.metadata.name)}
-    for manifest in desired.apply:
-        if manifest["kind"] in ("Deployment", "HorizontalPodAutoscaler") and manifest["metadata"]["name"] in pool:
-            await kube.apply(manifest)
-    for ref in desired.prune:
-        if ref.kind == "HorizontalPodAutoscaler":
-            await kube.delete_if_managed(ref.api_version, ref.kind, ref.namespace, ref.name)
+async def ensure_worker_floor(kube: Kube, fed: Federation) -> bool:
+    """An autoscaled worker pool of a running federation never stays at zero: an HPA cannot scale up from
+    zero (it stops acting), so a pool at zero (after a finished run resumes, or `kubectl scale --replicas=0`)
+    restarts at minReplicas and the HPA takes it from there. True when it patched."""
     auto = fed.spec.clients.autoscaling
-    if not finished and auto.enabled:
-        # the applied Deployment leaves `replicas` to the HPA, and an HPA never scales up from zero
-        pool_name = children.clients_name(fed.metadata.name)
-        await kube.merge_patch("apps/v1", "Deployment", fed.metadata.namespace, pool_name,
-                               {"spec": {"replicas": max(1, auto.minReplicas)}})
+    name, ns = children.clients_name(fed.metadata.name), fed.metadata.namespace
+    pool = await kube.get("apps/v1", "Deployment", ns, name)
+    if pool is None or int((pool.get("spec") or {}).get("replicas", 1)) >= 1:
+        return False
+    await kube.merge_patch("apps/v1", "Deployment", ns, name, {"spec": {"replicas": max(1, auto.minReplicas)}})
+    return True
+
+
+def nudge(memo: Any, uid: str) -> bool:
+    """Wake the resync daemon of the object with this uid (False when it has none running)."""
+    nudges: drift.Nudges | None = memo.get("nudges")
+    return nudges is not None and nudges.nudge(uid)
+
+
+def child_changed(memo: Any, body: Mapping[str, Any], event_type: str | None) -> list[str]:
+    """A watch event on a child: wake its owner's resync when the child was deleted or changed.
+
+    `memo` is the child's own (kopf keeps one per object), so it remembers the child's last fingerprint.
+    Returns the uids of the owners woken.
+    """
+    current = drift.fingerprint(body)
+    last = memo.get("fingerprint")
+    memo["fingerprint"] = current
+    if not drift.wanted(event_type, last, current):
+        return []
+    return [uid for uid in drift.owner_uids(body) if nudge(memo, uid)]
+
+
+async def find_refusal(kube: Kube, fed: Federation, desired: children.Desired) -> immutable.Refusal | None:
+    """A change to the server StatefulSet that the cluster cannot apply in place (checked before any apply)."""
+    for manifest in desired.apply:
+        if manifest["kind"] == "StatefulSet":
+            meta = manifest["metadata"]
+            live = await kube.get("apps/v1", "StatefulSet", meta["namespace"], meta["name"])
+            if live is not None and is_managed(live):
+                refusal = immutable.refuse_statefulset_change(fed, live, manifest)
+                if refusal is not None:
+                    return refusal
+    for ref in desired.prune:
+        if ref.kind == "StatefulSet":
+            live = await kube.get(ref.api_version, ref.kind, ref.namespace, ref.name)
+            if live is not None and is_managed(live):
+                return immutable.refuse_checkpoint_removal(fed)
+    return None
+
+
+async def refuse(
+    kube: Kube, memo: Any, body: kopf.Body, refusal: immutable.Refusal, *, generation: int | None, resync: bool
+) -> None:
+    """Report a refused change: Ready=False, reason=ImmutableField and a Warning event (once per change)."""
+    new = status.federation_refused(_current_status(memo, body), refusal.message, generation=generation, now=utcnow())
+    if await write_status(kube, memo, body, new, kind="Federation") is not None:
+        kopf.warn(body, reason=status.IMMUTABLE_FIELD, message=refusal.message)
+    if not resync:
+        raise kopf.PermanentError(f"refused: {refusal.message}")
+
+
+def _being_deleted(body: Mapping[str, Any]) -> bool:
+    return bool((body.get("metadata") or {}).get("deletionTimestamp"))
 
 
 async def reconcile_federation(
-    *, kube: Kube, config: OperatorConfig, body: kopf.Body, memo: Any, logger: logging.Logger | Any
+    *, kube: Kube, config: OperatorConfig, body: kopf.Body, memo: Any, logger: logging.Logger | Any,
+    resync: bool = False,
 ) -> None:
-    """Make every child of a Federation match its spec (level-triggered: safe to run any time)."""
+    """Make every child of a Federation match its spec (level-triggered: safe to run any time).
+
+    `resync`: a pass of the resync daemon (periodic, or woken by a changed child). It re-asks which APIs
+    the cluster serves, and leaves an invalid spec to the change handlers, which report it.
+    """
     name, ns, uid, generation = _identity(body)
+    if resync and _being_deleted(body):
+        return
     async with _status_lock(memo):
         try:
             fed = parse_federation(body)
         except InvalidSpec as exc:
+            if resync:
+                return
             message = str(exc)
             new = status.federation_invalid(
                 _current_status(memo, body), message, generation=generation, now=utcnow())
@@ -273,23 +340,34 @@ async def reconcile_federation(
             raise kopf.PermanentError(f"invalid spec: {message}") from None
 
         silos = await _bound_clients(kube, ns, name)
+        finished = is_finished(_current_status(memo, body))
         try:
             await ensure_credentials(kube, fed, uid, [c.metadata.name for c, _ in silos], prune=True)
-            desired = children.federation_children(fed, uid, service_monitor_api=await service_monitor_api(kube, memo),
-                                                   finished=is_finished(_current_status(memo, body)))
+            monitor_api = await service_monitor_api(kube, memo, refresh=resync)
+            desired = children.federation_children(fed, uid, service_monitor_api=monitor_api, finished=finished)
+            refusal = await find_refusal(kube, fed, desired)
+            if refusal is not None:  # nothing of this spec is applied: the run goes on as it was
+                await refuse(kube, memo, body, refusal, generation=generation, resync=resync)
+                return
             outcomes = [await kube.apply(manifest) for manifest in desired.apply]
             for client, client_uid in silos:
                 owner = children.client_owner(client, client_uid)
                 outcomes.append(await kube.apply(children.silo_deployment(client, owner, fed)))
             pruned = [
-                ref for ref in desired.prune
-                if await kube.delete_if_managed(ref.api_version, ref.kind, ref.namespace, ref.name)
+                ref for ref in desired.prune if ref.kind not in NEVER_DELETED
+                and await kube.delete_if_managed(ref.api_version, ref.kind, ref.namespace, ref.name)
             ]
+            floored = (not finished and fed.spec.clients.autoscaling.enabled
+                       and await ensure_worker_floor(kube, fed))
         except ForeignObjectError as exc:
             kopf.warn(body, reason="NameConflict", message=str(exc))
             raise kopf.TemporaryError(str(exc), delay=config.retry_delay) from None
+        except ImmutableFieldError as exc:  # a 422 that find_refusal did not foresee
+            rejected = immutable.refuse_api_rejection(fed, exc.kind, exc.name, exc.reason)
+            await refuse(kube, memo, body, rejected, generation=generation, resync=resync)
+            return
 
-        changed = sum(o != "unchanged" for o in outcomes)
+        changed = sum(o != "unchanged" for o in outcomes) + int(floored)
         if changed or pruned:
             logger.info(f"applied {changed} of {len(outcomes)} children, pruned {len(pruned)}")
             kopf.info(body, reason="Reconciled",
@@ -309,7 +387,7 @@ async def _fetch(session: aiohttp.ClientSession, url: str, timeout: float) -> An
 
 async def fetch_report(
     session: aiohttp.ClientSession, config: OperatorConfig, fed: Federation
-) -> tuple[status.ServerReport | None, str | None, bool]:
+) -> tuple[ServerStatus | None, str | None, bool]:
     """(report, error, bad_report): read a server's /status; never raises for network trouble."""
     url = config.status_url(fed.metadata.name, fed.metadata.namespace, fed.spec.server.metricsPort)
     try:
@@ -345,39 +423,35 @@ async def poll_federation(
             new = status.federation_unreachable(current, error or "no answer", now=now, starting=starting,
                                                 bad_report=bad)
         written = await write_status(kube, memo, body, new, kind="Federation")
-        if written is not None and is_finished(written[0]) != is_finished(written[1]):
-            await apply_worker_pool(kube, fed, _identity(body)[2], finished=is_finished(written[1]))
+    if written is not None and is_finished(written[0]) != is_finished(written[1]):
+        nudge(memo, _identity(body)[2])  # the worker pool goes to zero, or back: the resync pass does it
     if written is not None:
         _post(body, status.federation_events(*written))
-
-
-async def status_loop(poll: Any, *, stopped: Any, interval: float, logger: logging.Logger | Any,
-                      closing: Any = lambda: False) -> None:
-    """Run `poll()` every `interval` seconds until kopf stops the daemon; errors are logged, never fatal.
-
-    `closing()` turns true when the operator's cleanup has begun: its HTTP sessions are going away, and a
-    daemon that kopf has not stopped yet must not spin on "Session is closed" until it is cancelled.
-    """
-    while not stopped and not closing():
-        try:
-            await poll()
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # a status daemon must outlive API hiccups
-            if stopped or closing():
-                break  # the operator is exiting and closed its sessions under us
-            logger.warning(f"status update failed: {type(exc).__name__}: {exc}")
-        await stopped.wait(interval)
 
 
 # --------------------------------------------------------------------------------- federated client
 
 
 async def reconcile_client(
-    *, kube: Kube, config: OperatorConfig, body: kopf.Body, memo: Any, logger: logging.Logger | Any
+    *, kube: Kube, config: OperatorConfig, body: kopf.Body, memo: Any, logger: logging.Logger | Any,
+    resync: bool = False,
 ) -> None:
-    """A FederatedClient's Deployment, bound to its Federation's server, token and config."""
+    """A FederatedClient's Deployment, bound to its Federation's server, token and config.
+
+    `resync`: a pass of the resync daemon; an invalid spec or a missing Federation is left to the change
+    handlers (which report it and retry).
+    """
     name, ns, uid, generation = _identity(body)
+    if resync and _being_deleted(body):
+        return
+    if resync:
+        try:
+            parse_client(body)
+        except InvalidSpec:
+            return
+        with contextlib.suppress(kopf.TemporaryError):  # waiting for its Federation: its handler retries
+            await reconcile_client(kube=kube, config=config, body=body, memo=memo, logger=logger)
+        return
     async with _status_lock(memo):
         try:
             client = parse_client(body)

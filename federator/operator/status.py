@@ -7,7 +7,7 @@ The caller writes the status only when `changed()` says so.
 Conditions (type / meaning):
   Ready        the Federation serves: children applied and the server answers (False with the reason why)
   Progressing  rounds are being trained (False once finished, failed or invalid)
-  Degraded     something needs a person: an invalid spec, a failed run, an unreachable server
+  Degraded     something needs a person: an invalid spec, a refused change, a failed run, an unreachable server
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ValidationError
 
 from federator.api.models import (
     MAX_FLAGGED_IN_STATUS,
@@ -25,13 +25,14 @@ from federator.api.models import (
     Condition,
     FederatedClientStatus,
     FederationStatus,
-    FlaggedClient,
 )
+from federator.api.serverstatus import ServerStatus, SiloStatus
 
 ConditionStatus = Literal["True", "False", "Unknown"]
 
 # Reasons (CamelCase, as Kubernetes conditions use them).
 INVALID_SPEC = "InvalidSpec"
+IMMUTABLE_FIELD = "ImmutableField"
 DEPLOYING = "Deploying"
 SERVER_STARTING = "ServerStarting"
 SERVER_READY = "ServerReady"
@@ -55,48 +56,14 @@ TERMINAL_PHASES = ("Succeeded", "Failed")
 # ------------------------------------------------------------------------------- the server's report
 
 
-class _Lenient(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-
-class SiloReport(_Lenient):
-    joined: bool = False
-    roundsParticipated: int = 0
-    lastUpdateTime: str | None = None
-    flagged: bool = False
-
-
-class ClientsReport(_Lenient):
-    connected: int = 0
-    participants: int = 0
-
-
-class ServerReport(_Lenient):
-    """The server's `GET /status` (extra fields are ignored: a newer server may add some)."""
-
-    federation: str = ""
-    phase: Literal["Pending", "Running", "Succeeded", "Failed"]
-    round: int = Field(ge=0)
-    rounds: int | None = None
-    accuracy: float | None = None
-    loss: float | None = None
-    epsilon: float | None = None
-    clients: ClientsReport = ClientsReport()
-    byzantineFlagged: int = 0
-    flaggedClients: list[FlaggedClient] = []
-    compressionRatio: float | None = None
-    pendingTasks: int = 0
-    message: str = ""
-    silos: dict[str, SiloReport] = {}
-
-
 class BadReport(ValueError):
     """The server answered, but not with a status this operator understands."""
 
 
-def parse_report(payload: Any) -> ServerReport:
+def parse_report(payload: Any) -> ServerStatus:
+    """The server's `/status` read with the model the server writes it with (federator/api/serverstatus.py)."""
     try:
-        return ServerReport.model_validate(payload)
+        return ServerStatus.model_validate(payload)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "(body)"
@@ -203,6 +170,25 @@ def federation_invalid(
     return st.model_copy(update={"observedGeneration": generation, "conditions": conditions})
 
 
+def federation_refused(
+    raw: Mapping[str, Any] | None, message: str, *, generation: int | None, now: str
+) -> FederationStatus:
+    """A spec change the cluster cannot apply in place: none of it was applied, the run goes on as it was.
+
+    `observedGeneration` stays at the last generation applied; the conditions name the one refused.
+    """
+    st = load_federation_status(raw)
+    conditions = _apply(st.conditions, {
+        "Ready": ("False", IMMUTABLE_FIELD, message),
+        "Degraded": ("True", IMMUTABLE_FIELD, message),
+    }, now=now, generation=generation)
+    return st.model_copy(update={"conditions": conditions})
+
+
+def is_refused(raw: Mapping[str, Any] | None) -> bool:
+    return (condition(raw, "Ready") or {}).get("reason") == IMMUTABLE_FIELD
+
+
 def federation_deployed(
     raw: Mapping[str, Any] | None, *, generation: int | None, rounds: int, now: str
 ) -> FederationStatus:
@@ -210,7 +196,7 @@ def federation_deployed(
     st = load_federation_status(raw)
     values: dict[str, tuple[ConditionStatus, str, str]] = {}
     ready = condition(dump(st), "Ready")
-    if ready is None or ready.get("reason") in (INVALID_SPEC, None):
+    if ready is None or ready.get("reason") in (INVALID_SPEC, IMMUTABLE_FIELD, None):
         values["Ready"] = ("False", DEPLOYING, "children applied; waiting for the server to report")
         values["Progressing"] = ("True", DEPLOYING, "starting the server and the clients")
         values["Degraded"] = ("False", AS_EXPECTED, "")
@@ -218,7 +204,7 @@ def federation_deployed(
     return st.model_copy(update={"observedGeneration": generation, "rounds": rounds, "conditions": conditions})
 
 
-def federation_observed(raw: Mapping[str, Any] | None, report: ServerReport, *, now: str) -> FederationStatus:
+def federation_observed(raw: Mapping[str, Any] | None, report: ServerStatus, *, now: str) -> FederationStatus:
     """The server answered: copy its progress and derive the conditions from its phase."""
     st = load_federation_status(raw)
     gen = st.observedGeneration
@@ -253,6 +239,8 @@ def federation_observed(raw: Mapping[str, Any] | None, report: ServerReport, *, 
             "Progressing": ("False", TRAINING_FAILED, reason),
             "Degraded": ("True", TRAINING_FAILED, reason),
         }
+    if is_refused(dump(st)):  # the refusal stands until a pass applies the spec: only progress moves
+        values = {k: v for k, v in values.items() if k == "Progressing"}
     return st.model_copy(update={
         "phase": report.phase,
         "round": report.round,
@@ -278,7 +266,7 @@ def federation_unreachable(
     left alone: its server may be gone on purpose.
     """
     st = load_federation_status(raw)
-    if st.phase in TERMINAL_PHASES:
+    if st.phase in TERMINAL_PHASES or is_refused(dump(st)):
         return st
     gen = st.observedGeneration
     reason = BAD_SERVER_STATUS if bad_report else SERVER_UNREACHABLE
@@ -310,7 +298,7 @@ def federation_events(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> 
         events.append(Event(kind, new_phase, msg))
     old_deg, new_deg = condition(old, "Degraded"), condition(new, "Degraded")
     if new_deg is not None and (old_deg or {}).get("status") != new_deg["status"]:
-        if new_deg["status"] == "True" and new_deg["reason"] != INVALID_SPEC:
+        if new_deg["status"] == "True" and new_deg["reason"] not in (INVALID_SPEC, IMMUTABLE_FIELD):
             events.append(Event("Warning", new_deg["reason"], new_deg.get("message") or new_deg["reason"]))
         elif new_deg["status"] == "False" and old_deg is not None and old_deg.get("status") == "True":
             events.append(Event("Normal", "Recovered", "the server answers again"))
@@ -393,12 +381,12 @@ def client_deployed(
 
 
 def client_observed(
-    raw: Mapping[str, Any] | None, silo: SiloReport | None, *, replicas: int, now: str
+    raw: Mapping[str, Any] | None, silo: SiloStatus | None, *, replicas: int, now: str
 ) -> FederatedClientStatus:
     """The federation's server answered; `silo` is its entry for this client (None: never seen)."""
     st = load_client_status(raw)
     gen = st.observedGeneration
-    silo = silo or SiloReport()
+    silo = silo or SiloStatus()
     values: dict[str, tuple[ConditionStatus, str, str]] = {
         "Ready": ("True", JOINED, f"joined; {silo.roundsParticipated} rounds participated") if silo.joined
         else ("False", NOT_JOINED, "the server has not seen this silo yet"),

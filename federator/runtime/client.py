@@ -34,6 +34,7 @@ from federator.runtime.data import ArrayDataset, FederatedData, load_silo_data, 
 from federator.runtime.httpserver import StatusHTTPServer
 from federator.runtime.metrics import ClientMetrics
 from federator.runtime.models import build_model
+from federator.runtime.normalization import Normalizer, feature_stats, normalizer_from_proto, stats_to_proto
 from federator.runtime.proto import federator_pb2 as pb
 from federator.runtime.proto import federator_pb2_grpc as pb_grpc
 from federator.runtime.residuals import ResidualStore
@@ -122,6 +123,7 @@ class Worker:
         up = self.spec.compression.uplink
         self.uplink = comp.Scheme(ratio=up.topK, bits=up.bits, chunk=up.chunk) if up.enabled else None
         self.residuals = ResidualStore(residual_dir, fed.metadata.name) if up.errorFeedback else None
+        self._normalized: tuple[Normalizer, ArrayDataset] | None = None  # the local data, normalised
         self._task_id = ""
         self._stop = threading.Event()
         self.tasks_done = 0
@@ -195,8 +197,10 @@ class Worker:
 
     def _join(self) -> Joined:
         samples = len(self.silo_data) if self.silo_data is not None else 0
+        # a silo's statistics (not its rows) let the server fix data.normalize before round 1
+        stats = stats_to_proto(feature_stats(self.silo_data.x)) if self.silo_data is not None else None
         reply = self._stub.Join(pb.JoinRequest(token=self.token, worker_name=self.name, silo=self.silo or "",
-                                               silo_samples=samples), timeout=10)
+                                               silo_samples=samples, feature_stats=stats), timeout=10)
         log.info("joined %s as %s", reply.federation, reply.worker_id)
         return Joined(reply.worker_id, float(reply.heartbeat_seconds or 1), int(reply.chunk_bytes or MiB),
                       tuple(reply.input_shape), int(reply.num_classes))
@@ -271,13 +275,26 @@ class Worker:
             self._cached = None
             return None
 
-    def _local_data(self, client_id: str) -> ArrayDataset:
+    def _local_data(self, client_id: str, normalizer: Normalizer | None = None) -> ArrayDataset:
+        """This task's training data, normalised as the server said (the whole local set once per run)."""
         if self.silo_data is not None:
-            return self.silo_data
-        if self._data is None:
-            self._data = prepare_data(self.spec)
+            base = self.silo_data
+        else:
+            if self._data is None:
+                self._data = prepare_data(self.spec)
+            base = self._data.train
+        if normalizer is not None:
+            if self._normalized is None or not normalizer.same_as(self._normalized[0]):
+                self._normalized = (normalizer, normalizer.apply(base))
+            base = self._normalized[1]
+        if self.silo_data is not None:
+            return base
+        assert self._data is not None
+        i = int(client_id.removeprefix("sim-"))
+        if not 0 <= i < self._data.num_clients:
+            raise IndexError(f"client {i} out of range: there are {self._data.num_clients} clients")
         # byzantine.attack (experiments only): a label-flip attacker trains on poisoned labels
-        return local_data(self.spec, client_id, self._data.client(int(client_id.removeprefix("sim-"))))
+        return local_data(self.spec, client_id, base.subset(self._data.partitions[i]))
 
     def _build(self, joined: Joined) -> torch.nn.Module:
         if self._model is None:
@@ -293,7 +310,8 @@ class Worker:
         self._task_id = header.task_id
         model = self._build(joined)
         set_params(model, params)
-        data = self._local_data(header.client_id)
+        normalizer = normalizer_from_proto(header.normalization) if header.HasField("normalization") else None
+        data = self._local_data(header.client_id, normalizer)
         seed = zlib.crc32(f"{self.spec.data.seed}:{header.round}:{header.client_id}".encode())
         result = train_local(model, data, self.spec.training, seed=seed,
                              global_params=params if self.spec.training.proximalMu > 0 else None)

@@ -33,6 +33,7 @@ import torch
 from federator.api.manifest import ManifestError
 from federator.api.models import Federation, FederationSpec
 from federator.runtime import compression as comp
+from federator.api.serverstatus import ServerStatus
 from federator.runtime import lifeline
 from federator.runtime.aggregation import (
     AggregationPipeline,
@@ -41,6 +42,8 @@ from federator.runtime.aggregation import (
     RoundResult,
     ServerOptimizerState,
     server_update,
+    state_from_dict,
+    state_to_dict,
 )
 from federator.runtime.aggregation.attacks import describe as describe_attack
 from federator.runtime.byzantine import ReputationState, is_quarantined
@@ -48,9 +51,20 @@ from federator.runtime.checkpoint import CheckpointError, load_checkpoint, save_
 from federator.runtime.config import load_federation_config
 from federator.runtime.data import DataError, prepare_data
 from federator.runtime.downlink import Downlink
+from federator.runtime.diagnostics import majority_rate, stuck_at_majority, stuck_message
 from federator.runtime.httpserver import StatusHTTPServer
 from federator.runtime.metrics import ServerMetrics
 from federator.runtime.models import ModelError, build_model, count_parameters
+from federator.runtime.normalization import (
+    FeatureStats,
+    Normalizer,
+    combine_stats,
+    feature_stats,
+    normalizer_from_stats,
+    normalizer_to_proto,
+    resolve_mode,
+    stats_from_proto,
+)
 from federator.runtime.proto import federator_pb2 as pb
 from federator.runtime.proto import federator_pb2_grpc as pb_grpc
 from federator.runtime.statelock import StateDirLocked, lock_state_dir
@@ -70,6 +84,11 @@ from federator.tokens import Tokens, TokensError, read_server_tokens
 log = logging.getLogger("federator.server")
 
 CHECKPOINT_FILE = "checkpoint.pt"
+# gRPC's thread-pool server holds one thread per open call, and every connected worker keeps a GetTask
+# long-poll open: the pool must exceed the workers, or heartbeats queue behind long-polls and workers are
+# dropped as dead. Threads start on demand, so an idle pool costs nothing (benchmarks/scale.py).
+GRPC_THREADS = int(os.environ.get("FEDERATOR_GRPC_THREADS", "1100"))
+REAP_EVERY = 0.2  # seconds between scans for workers that stopped beating
 MAX_TASK_ATTEMPTS = 3
 MiB = 1 << 20
 SERVICE = "federator.v1.Federator"
@@ -96,6 +115,7 @@ class WorkerInfo:
     silo_samples: int
     last_seen: float
     task_id: str | None = None
+    long_polls: int = 0  # GetTask calls of this worker parked in next_task
 
 
 @dataclass
@@ -172,7 +192,14 @@ class FederationServer:
         self.resumed = False  # True when this process continued a run from its checkpoint
         self.run_id = secrets.token_hex(8)
         self.phase = "Pending"
-        self.message = ""
+        self.message = "waiting for client workers to join"  # until run() has them (/status is served before)
+        self.warning = ""  # a training problem worth a user's attention (see diagnostics.py)
+        self.normalize_mode = resolve_mode(self.spec.data)
+        self.normalizer: Normalizer | None = None
+        self._normalization_fixed = False  # from the checkpoint, or at the start of round 1
+        self.eval_data = self.data.test
+        self._norm_pb: pb.Normalization | None = None
+        self._majority = majority_rate(self.data.test.y, self.data.num_classes)
         held = self._resume()
         self.version = model_version(self.run_id, self.completed)
         # the model workers hold (the global one unless the downlink is compressed), and what to send them
@@ -180,12 +207,17 @@ class FederationServer:
                                  self.version, self.chunk_bytes)
         self.uplink = self.spec.compression.uplink
 
-        self._cond = threading.Condition()
+        lock = threading.RLock()
+        self._cond = threading.Condition(lock)  # round bookkeeping changed (updates, joins, drops)
+        self._task_ready = threading.Condition(lock)  # tasks queued or the federation ended: wakes GetTask
+        self._next_reap = 0.0
+        self.long_polls = 0
         self._stopping = threading.Event()
         self.workers: dict[str, WorkerInfo] = {}
         self.queue: deque[str] = deque()
         self.current: RoundState | None = None
         self.silo_stats: dict[str, dict[str, Any]] = {}
+        self.silo_features: dict[str, FeatureStats] = {}  # silo -> its feature statistics (data.normalize)
         self.participants = 0
 
         self.metrics = ServerMetrics.create(self.name, self.namespace)
@@ -203,7 +235,7 @@ class FederationServer:
             self._m["loss"].set(self.history[-1]["loss"])
 
         self._grpc = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="grpc"),
+            futures.ThreadPoolExecutor(max_workers=GRPC_THREADS, thread_name_prefix="grpc"),
             options=[("grpc.max_receive_message_length", max_msg), ("grpc.max_send_message_length", max_msg)],
         )
         _add_servicer(_Servicer(self), self._grpc)
@@ -234,12 +266,17 @@ class FederationServer:
                 "use a new state directory (--state-dir / --out) or delete the checkpoint to start over"
             )
         self.params = {k: v.clone() for k, v in state["params"].items()}
-        self.opt_state = ServerOptimizerState(step=int(state["optimizer"]["step"]),
-                                              m=dict(state["optimizer"]["m"]), v=dict(state["optimizer"]["v"]))
+        self.opt_state = state_from_dict(state["optimizer"])  # validated: step, and names -> tensors
         self.agg_state = AggregationState.from_dict(state.get("aggregation") or {})
         self.history = [dict(h) for h in state["history"]]
         self.completed = int(state["completed_round"])
         self.run_id = str(state["run_id"])
+        if state.get("normalization"):
+            self._set_normalizer(Normalizer.from_state(state["normalization"]))
+        else:  # trained without normalisation (or before data.normalize existed): keep it that way
+            if "normalization" not in state and self.normalize_mode != "none":
+                log.warning("checkpoint predates data.normalize: resuming without normalisation")
+            self._set_normalizer(None)
         self.resumed = True
         log.info("resumed from checkpoint: %d of %d rounds completed", self.completed, self.spec.rounds)
         held = state.get("downlink_held")
@@ -258,6 +295,7 @@ class FederationServer:
         self._stopping.set()
         with self._cond:
             self._cond.notify_all()
+            self._task_ready.notify_all()
         self._grpc.stop(grace).wait()
         self._http.stop()
 
@@ -272,6 +310,8 @@ class FederationServer:
                 return 0
             if not self._wait_for_clients():
                 return 1
+            if not self._normalization_fixed:
+                self._fix_normalization()
             self.phase = "Running"
             self.message = ""  # "waiting for client workers" no longer holds: a later failure sets its own
             while self.completed < self.spec.rounds and not self._stopping.is_set():
@@ -285,6 +325,7 @@ class FederationServer:
         finally:
             with self._cond:
                 self._cond.notify_all()
+                self._task_ready.notify_all()
 
     def _wait_for_clients(self) -> bool:
         while not self._stopping.is_set():
@@ -336,11 +377,14 @@ class FederationServer:
             self.queue.extend(tasks)
             self._m["pending_tasks"].set(len(self.queue))
             self._cond.notify_all()
+            self._task_ready.notify_all()
             deadline = time.monotonic() + self.spec.clients.roundTimeoutSeconds
             cur = self.current
+            order, first_open = list(tasks.values()), 0  # done, dropped, cancelled are final: scan once
             while not self._stopping.is_set():
-                open_tasks = [t for t in tasks.values() if t.state in ("queued", "assigned")]
-                if not open_tasks:
+                while first_open < len(order) and order[first_open].state not in ("queued", "assigned"):
+                    first_open += 1
+                if first_open == len(order):
                     break
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -361,7 +405,7 @@ class FederationServer:
         self.params, self.opt_state = server_update(self.params, outcome.aggregate,
                                                     self.spec.aggregation.serverOptimizer, self.opt_state)
         set_params(self.model, self.params)
-        loss, acc = evaluate(self.model, self.data.test)
+        loss, acc = evaluate(self.model, self.eval_data)
         ended = time.time()
         record: dict[str, Any] = {
             "round": rnd,
@@ -399,7 +443,44 @@ class FederationServer:
         self._m["loss"].set(loss)
         log.info("round %d/%d: accuracy %.4f loss %.4f (%d updates, %.2fs)", rnd, self.spec.rounds, acc, loss,
                  accepted, record["round_seconds"])
+        self._check_learning()
         return None
+
+    def _check_learning(self) -> None:
+        stuck = stuck_at_majority([h["accuracy"] for h in self.history], self._majority)
+        if stuck and not self.warning:
+            self.warning = stuck_message(len(self.history), self._majority,
+                                         self.normalizer.mode if self.normalizer else "none")
+            log.warning("%s", self.warning)
+        elif not stuck:
+            self.warning = ""
+
+    # ------------------------------------------------------------------------------ normalisation
+
+    def _fix_normalization(self) -> None:
+        """Combine every client's feature statistics (simulated partitions and joined silos) once."""
+        if self.normalize_mode != "none":
+            with self._cond:
+                silos = dict(self.silo_features)
+            parts = [feature_stats(self.data.client(i).x) for i in range(self.data.num_clients)]
+            shape = self.data.input_shape
+            for silo, st in sorted(silos.items()):
+                if st.shape == shape:
+                    parts.append(st)
+                else:
+                    log.warning("silo %s: feature statistics of shape %s do not match %s; left out of "
+                                "data.normalize", silo, st.shape, shape)
+            pooled = combine_stats(parts)
+            self._set_normalizer(normalizer_from_stats(self.normalize_mode, pooled))
+            log.info("data.normalize=%s: statistics of %d clients (%d samples, %d silos) combined",
+                     self.normalize_mode, len(parts), pooled.count, len(parts) - self.data.num_clients)
+        self._normalization_fixed = True
+
+    def _set_normalizer(self, nz: Normalizer | None) -> None:
+        self.normalizer = nz
+        self.eval_data = nz.apply(self.data.test) if nz is not None else self.data.test
+        self._norm_pb = normalizer_to_proto(nz) if nz is not None else None
+        self._normalization_fixed = True
 
     def _byzantine_record(self, rnd: int, outcome: RoundResult) -> dict[str, Any]:
         det = self.spec.byzantine.detection
@@ -464,9 +545,10 @@ class FederationServer:
             "run_id": self.run_id,
             "completed_round": completed,
             "params": self.params,
-            "optimizer": {"step": self.opt_state.step, "m": self.opt_state.m, "v": self.opt_state.v},
+            "optimizer": state_to_dict(self.opt_state),
             "aggregation": agg_state.to_dict(),
             "history": history,
+            "normalization": self.normalizer.to_state() if self.normalizer is not None else None,
             "layout": [(t.name, t.dtype, list(t.shape)) for t in self.layout.tensors],
             # what the workers will hold after this round: uplink deltas are decoded against it
             "downlink_held": held,
@@ -526,9 +608,10 @@ class FederationServer:
     # ------------------------------------------------------------------------------------ bookkeeping
 
     def status(self) -> dict[str, Any]:
+        """`GET /status`, written through the model the operator reads it with (extra keys are kept)."""
         last = self.history[-1] if self.history else {}
         flagged = self.flagged_clients()
-        return {
+        return ServerStatus.model_validate({
             "federation": self.name,
             "phase": self.phase,
             "round": self.completed,
@@ -544,9 +627,11 @@ class FederationServer:
             "compression": self.compression_document(),
             "pendingTasks": len(self.queue),
             "message": self.message,
+            "warning": self.warning,
+            "normalize": self.normalizer.mode if self.normalizer is not None else "none",
             "roundStartedAt": self.current.started if self.current else None,
             "silos": self.silo_stats,
-        }
+        }).payload()
 
     def compression_document(self) -> dict[str, Any]:
         """Compression settings and measured ratios (uncompressed over wire bytes), for /status and metrics.json."""
@@ -556,8 +641,13 @@ class FederationServer:
     def _reap_dead_workers(self) -> None:
         """Forget workers that stopped beating and requeue their tasks (caller holds the lock)."""
         now = time.monotonic()
+        if now < self._next_reap:  # called on every wake-up of the round loop: scan at most every REAP_EVERY
+            return
+        self._next_reap = now + REAP_EVERY
         for wid, w in list(self.workers.items()):
-            if now - w.last_seen > self.dead_after:
+            # a worker parked in GetTask holds no task (asking gave it up) and returns within 10 s: its
+            # heartbeats, late when the server is busy, need not keep it alive meanwhile
+            if now - w.last_seen > self.dead_after and w.long_polls == 0:
                 log.warning("worker %s (%s) stopped responding; requeueing its task", w.name, wid)
                 self._drop_worker(wid)
 
@@ -575,6 +665,7 @@ class FederationServer:
             self.silo_stats[w.silo]["joined"] = False
         self._m["clients_connected"].set(len(self.workers))
         self._cond.notify_all()
+        self._task_ready.notify_all()
 
     def check_token(self, token: str, silo: str | None = None) -> bool:
         if silo:
@@ -599,6 +690,11 @@ class FederationServer:
             if silo:
                 self.silo_stats.setdefault(silo, {"joined": True, "roundsParticipated": 0,
                                                   "lastUpdateTime": None, "flagged": False})["joined"] = True
+                if req.HasField("feature_stats"):
+                    try:
+                        self.silo_features[silo] = stats_from_proto(req.feature_stats)
+                    except DataError as exc:
+                        log.warning("silo %s: ignoring its feature statistics: %s", silo, exc)
             self._m["clients_connected"].set(len(self.workers))
             self._cond.notify_all()
         log.info("worker %s joined as %s%s", w.name, wid, f" (silo {silo})" if silo else "")
@@ -620,7 +716,13 @@ class FederationServer:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return "none"
-                self._cond.wait(remaining)
+                self.long_polls += 1  # GetTask calls parked here, each holding one gRPC thread
+                w.long_polls += 1
+                try:
+                    self._task_ready.wait(remaining)
+                finally:
+                    self.long_polls -= 1
+                    w.long_polls -= 1
 
     def _take_task(self, w: WorkerInfo) -> Task | None:
         if self.current is None or self.current.closed:
@@ -658,6 +760,7 @@ class FederationServer:
                         self.queue.append(task.task_id)
                     self._m["pending_tasks"].set(len(self.queue))
                     self._cond.notify_all()
+                    self._task_ready.notify_all()
         self.metrics.updates.labels(**self._lv, outcome="late" if late else "rejected").inc()
         self.metrics.rejections.labels(**self._lv, reason=reason).inc()
         log.warning("update rejected (%s): %s", reason, detail)
@@ -829,6 +932,7 @@ class _Servicer(pb_grpc.FederatorServicer):
             kind=pb.TaskHeader.TRAIN, task_id=got.task_id, round=got.round, client_id=got.client_id,
             version=version, weights_included=enc is not None, tensors=list(enc.specs) if enc else [],
             total_bytes=enc.total_bytes if enc else 0, compressed=offer.compressed, delta_base=offer.delta_base,
+            normalization=s._norm_pb,
         ))
         wire = header.ByteSize()
         yield header

@@ -1,10 +1,12 @@
 """Fixtures for the real kopf operator against kmock's KubernetesEmulator over HTTP.
 
 kmock stores objects as it gets them. `ApiServer` adds what a real API server assigns (uid,
-resourceVersion, generation, creationTimestamp, names from generateName), server-side apply's
-create-or-update, resourceVersion preconditions and the `/status` and `/scale` subresources' scope.
-Garbage collection, the HPA and CEL are not emulated: tests write objects and check how the operator
-reacts. A fake server answers `GET /status` like the runtime does, with a payload a test sets.
+resourceVersion, generation, creationTimestamp, names from generateName, a workload's default
+`replicas: 1`), server-side apply's create-or-update and its removal of the fields its manager applied
+before and no longer applies, resourceVersion preconditions and the `/status` and `/scale` subresources'
+scope. `fail_next()` makes chosen requests fail once. Garbage collection, the HPA and CEL are not
+emulated: tests write objects and check how the operator reacts. A fake server answers `GET /status`
+like the runtime does, with a payload a test sets.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import datetime
 import itertools
 import json
 import threading
+import traceback
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -34,6 +37,7 @@ from kmock._internal import dicts as kmock_dicts
 from kmock._internal import enums as kmock_enums
 
 import federator.operator.handlers  # noqa: F401  (registers the handlers with kopf)
+from federator.api.serverstatus import ServerStatus
 from federator.operator.main import operator_options
 from federator.operator.reconcile import OperatorConfig
 
@@ -52,6 +56,29 @@ class ApiServer(kmock.KubernetesEmulator):
     _lock_rv: threading.Lock = attrs.field(factory=threading.Lock, init=False)
 
     _latest: int = attrs.field(default=999, init=False)
+    # what server-side apply last applied to each object: the fields its manager owns
+    _applied: dict[Any, dict[str, Any]] = attrs.field(factory=dict, init=False)
+    # URL path -> the manifest server-side apply got last, as sent
+    last_applied: dict[str, dict[str, Any]] = attrs.field(factory=dict, init=False)
+    # (method, path, content-type prefix) -> how many more such requests fail with 500
+    _failures: dict[tuple[str, str, str], int] = attrs.field(factory=dict, init=False)
+    _failure_status: dict[tuple[str, str, str], int] = attrs.field(factory=dict, init=False)
+
+    def fail_next(self, method: str, path: str, content_type: str = "", times: int = 1, status: int = 500) -> None:
+        """Make the next `times` requests `method path` (with that Content-Type prefix) fail with `status`."""
+        self._failures[method.upper(), path, content_type] = times
+        self._failure_status[method.upper(), path, content_type] = status
+
+    def failures_left(self, method: str, path: str, content_type: str = "") -> int:
+        return self._failures.get((method.upper(), path, content_type), 0)
+
+    def _inject_failure(self, request: kmock.Request) -> None:
+        for (method, path, content_type), left in self._failures.items():
+            if left > 0 and str(request.method).upper().endswith(method) and request.url.path == path \
+                    and request.headers.get("Content-Type", "").startswith(content_type):
+                self._failures[method, path, content_type] = left - 1
+                raise kmock.KubernetesError(status=self._failure_status[method, path, content_type],
+                                            reason="Injected", message="injected by the test")
 
     def next_version(self) -> str:
         with self._lock_rv:
@@ -78,6 +105,8 @@ class ApiServer(kmock.KubernetesEmulator):
         meta["creationTimestamp"] = _now()
         if data.get("kind") in ("Federation", "FederatedClient"):
             data.pop("status", None)  # the status subresource ignores status on create
+        if data.get("kind") in WORKLOADS and isinstance(data.get("spec"), dict):
+            data["spec"].setdefault("replicas", 1)  # the API server's default
 
     namespaces: tuple[str, ...] = ("default", "team-b")
 
@@ -99,6 +128,7 @@ class ApiServer(kmock.KubernetesEmulator):
 
     async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
         if request.resource is not None:
+            self._inject_failure(request)
             assigned = self._assign(request)
             if assigned is not request:  # kmock matches reactions by the identity of recorded requests
                 self._requests[:] = [assigned if r is request else r for r in self._requests]
@@ -109,9 +139,12 @@ class ApiServer(kmock.KubernetesEmulator):
         data = request.data
         if request.action == kmock_enums.action.CREATE and isinstance(data, dict):
             self._fill_new(data, request.namespace, None)
+            self._applied.pop((request.resource, request.namespace, (data.get("metadata") or {}).get("name")), None)
             return request
         key: Any = (request.resource, request.namespace, request.name)
         exists = key in self.objects and not self.objects[key].deleted
+        if request.action == kmock_enums.action.DELETE:
+            self._applied.pop(key, None)
         if request.action == kmock_enums.action.DELETE and exists:
             meta = self.objects[key]["metadata"]
             if meta.get("finalizers") and not meta.get("deletionTimestamp"):
@@ -122,12 +155,21 @@ class ApiServer(kmock.KubernetesEmulator):
         if request.action != kmock_enums.action.UPDATE or not isinstance(data, dict):
             return request
         is_apply = request.headers.get("Content-Type", "").startswith("application/apply-patch")
+        if is_apply:
+            self.last_applied[request.url.path] = copy.deepcopy(data)
         if not exists:
             if is_apply:  # server-side apply creates what does not exist
+                self._applied[key] = copy.deepcopy(data)
                 self._fill_new(data, request.namespace, request.name)
                 return attrs.evolve(request, action=kmock_enums.action.CREATE, method=kmock_enums.method.POST)
             return request
         live = self.objects[key].raw
+        if live.get("kind") == "StatefulSet" and request.subresource is None:
+            _refuse_immutable_statefulset_change(live, data)
+        if is_apply:  # the fields applied before and not now are removed (defaulted where the server would)
+            applied = copy.deepcopy(data)
+            _drop_unapplied(data, self._applied.get(key) or {}, default_replicas=live.get("kind") in WORKLOADS)
+            self._applied[key] = applied
         meta = data.setdefault("metadata", {})
         expected = meta.get("resourceVersion")
         if expected is not None and expected != live["metadata"].get("resourceVersion"):
@@ -191,6 +233,59 @@ class ApiServer(kmock.KubernetesEmulator):
         return request
 
 
+WORKLOADS = ("Deployment", "StatefulSet")
+
+
+STATEFULSET_MUTABLE = ("replicas", "ordinals", "template", "updateStrategy", "persistentVolumeClaimRetentionPolicy",
+                       "minReadySeconds")
+
+
+def _refuse_immutable_statefulset_change(live: dict[str, Any], data: dict[str, Any]) -> None:
+    """422, as the API server answers a change to a StatefulSet's spec outside its mutable fields."""
+    spec = data.get("spec") or {}
+    changed = [k for k in spec if k not in STATEFULSET_MUTABLE and spec[k] != (live.get("spec") or {}).get(k)]
+    if changed:
+        raise kmock.KubernetesError(status=422, reason="Invalid", message=(
+            f"StatefulSet.apps {live['metadata']['name']!r} is invalid: spec: Forbidden: updates to statefulset "
+            f"spec for fields other than {', '.join(repr(f) for f in STATEFULSET_MUTABLE)} are forbidden"))
+
+
+def _drop_unapplied(data: dict[str, Any], before: dict[str, Any], *, default_replicas: bool) -> None:
+    """Mark (None) every key of `before` that `data` lacks, recursively, as server-side apply removes the
+    fields its manager no longer applies; a workload's removed `spec.replicas` goes back to its default."""
+    for key, old in before.items():
+        if key not in data:
+            data[key] = None
+        elif isinstance(old, dict) and isinstance(data[key], dict):
+            _drop_unapplied(data[key], old, default_replicas=False)
+    spec = data.get("spec")
+    if default_replicas and isinstance(spec, dict) and "replicas" in spec and spec["replicas"] is None:
+        spec["replicas"] = 1
+
+
+CHILD_RESOURCES = {  # the kinds of children the operator watches (kopf discovers them)
+    "v1/configmaps": ("ConfigMap", "configmap"),
+    "v1/secrets": ("Secret", "secret"),
+    "v1/services": ("Service", "service"),
+    "apps/v1/deployments": ("Deployment", "deployment"),
+    "apps/v1/statefulsets": ("StatefulSet", "statefulset"),
+    "autoscaling/v2/horizontalpodautoscalers": ("HorizontalPodAutoscaler", "horizontalpodautoscaler"),
+    "policy/v1/poddisruptionbudgets": ("PodDisruptionBudget", "poddisruptionbudget"),
+    "networking.k8s.io/v1/networkpolicies": ("NetworkPolicy", "networkpolicy"),
+}
+SERVICE_MONITORS = "monitoring.coreos.com/v1/servicemonitors"
+
+
+def child_resource(kind: str, singular: str) -> kmock.ResourceInfo:
+    return kmock.ResourceInfo(kind=kind, singular=singular, namespaced=True,
+                              verbs={"get", "list", "watch", "create", "update", "patch", "delete"})
+
+
+def install_service_monitors(api: ApiServer) -> None:
+    """The Prometheus Operator's ServiceMonitor CRD appears in the cluster."""
+    api.resources[SERVICE_MONITORS] = child_resource("ServiceMonitor", "servicemonitor")
+
+
 BACKBONE = {  # what kopf discovers before it starts: namespaces, CRDs, events
     "v1/namespaces": kmock.ResourceInfo(kind="Namespace", singular="namespace", namespaced=False,
                                         verbs={"get", "list", "watch"}),
@@ -211,6 +306,8 @@ def crd_resources(api: ApiServer) -> None:
     """Declare the backbone and Federator's resources for kopf's discovery (from the checked-in CRDs)."""
     for key, info in BACKBONE.items():
         api.resources[key] = info
+    for key, (kind, singular) in CHILD_RESOURCES.items():
+        api.resources[key] = child_resource(kind, singular)
     for path in sorted((ROOT / "crds").glob("*.yaml")):
         crd = yaml.safe_load(path.read_text())
         spec = crd["spec"]
@@ -306,14 +403,14 @@ async def serve_fake_status() -> AsyncIterator[FakeServers]:
 
 
 def server_report(name: str, **overrides: Any) -> dict[str, Any]:
-    """A `/status` payload as the runtime's server sends it."""
+    """A `/status` payload as the runtime's server sends it (through the same model)."""
     report: dict[str, Any] = {
         "federation": name, "phase": "Running", "round": 3, "rounds": 15, "accuracy": 0.81, "loss": 0.52,
         "epsilon": None, "clients": {"connected": 2, "participants": 10}, "byzantineFlagged": 0,
         "compressionRatio": None, "pendingTasks": 4, "message": "", "silos": {},
     }
     report.update(overrides)
-    return report
+    return ServerStatus.model_validate(report).payload()
 
 
 OperatorRunner = Callable[..., Any]
@@ -367,7 +464,7 @@ async def operator_thread(memo: kopf.Memo, options: dict[str, Any], start_timeou
         stop.set()
         await asyncio.to_thread(thread.join, stop_timeout)
         assert not thread.is_alive(), "the operator did not stop"
-        assert not errors, errors
+        assert not errors, "".join(traceback.format_exception(errors[0]))
 
 
 async def eventually(check: Callable[[], Any], *, timeout: float = 10.0, message: str = "") -> Any:

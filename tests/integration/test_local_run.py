@@ -91,8 +91,10 @@ def test_worker_killed_mid_round_the_run_still_finishes(tmp_path: Path) -> None:
     try:
         run.start_server()
         run.start_clients()
-        wait_for(lambda: _status(run).get("round", 0) >= 1 and _status(run).get("roundStartedAt"), 120,
-                 "round 2 to start")
+        # both workers joined (under load one may still be importing torch while the other trains), and
+        # round 2 under way: then the victim holds a task
+        wait_for(lambda: (st := _status(run)).get("round", 0) >= 1 and bool(st.get("roundStartedAt"))
+                 and st.get("clients", {}).get("connected") == 2, 120, "both workers in round 2")
         victim = run.clients[0]
         os.kill(victim.pid, signal.SIGKILL)  # mid-round: both workers are busy with their tasks
         assert run.server is not None
@@ -289,6 +291,7 @@ def test_kill_9_of_run_leaves_no_process_and_resume_runs_each_round_once(tmp_pat
     assert len(children) == 3  # the server and two workers
     proc.kill()
     proc.wait(10)
+    proc.stdout.close()  # (warnings are errors: an unclosed pipe fails the test)
     # they notice the lost parent at once (PR_SET_PDEATHSIG, or EOF on the lifeline pipe) and stop
     wait_for(lambda: not (children & set(_processes_mentioning(str(path)))), 60, "every child process to exit")
 

@@ -22,6 +22,7 @@ from tests.integration.conftest import (
     FakeServers,
     OperatorRunner,
     eventually,
+    install_service_monitors,
     server_report,
     settle,
     writes,
@@ -94,7 +95,9 @@ def events(api: ApiServer, name: str) -> list[dict[str, Any]]:
 
 
 def child_requests(api: ApiServer, since: int = 0) -> list[Any]:
-    return [r for r in list(api)[since:] if r.resource is not None and r.resource.plural in CHILD_PLURALS]
+    """Requests about one child each (kopf's lists and watches of every child kind left out)."""
+    return [r for r in list(api)[since:] if r.resource is not None and r.resource.plural in CHILD_PLURALS
+            and not (r.method == "GET" and r.name is None)]
 
 
 def status_writes(api: ApiServer, since: int = 0) -> list[Any]:
@@ -207,21 +210,120 @@ async def test_toggles_add_and_prune_optional_children(
     kube_api: ApiServer, run_operator: OperatorRunner, status_servers: FakeServers
 ) -> None:
     async with run_operator():
-        await create(kube_api, FEDS_URL, federation())
-        await eventually(lambda: live(kube_api, "apps/v1/statefulsets", "demo-server"))
+        await create(kube_api, FEDS_URL, federation(server={"checkpoint": {"enabled": False}}))
+        await eventually(lambda: live(kube_api, "apps/v1/deployments", "demo-server"))
         await patch(kube_api, f"{FEDS_URL}/demo", {"spec": {
             "clients": {"autoscaling": {"enabled": True, "minReplicas": 1, "maxReplicas": 6}},
-            "server": {"checkpoint": {"enabled": False}},
+            "server": {"checkpoint": {"enabled": True}},
         }})
         await eventually(lambda: live(kube_api, "autoscaling/v2/horizontalpodautoscalers", "demo-clients"))
-        await eventually(lambda: live(kube_api, "apps/v1/deployments", "demo-server"))
-        await eventually(lambda: live(kube_api, "apps/v1/statefulsets", "demo-server") is None)
+        await eventually(lambda: live(kube_api, "apps/v1/statefulsets", "demo-server"))
+        await eventually(lambda: live(kube_api, "apps/v1/deployments", "demo-server") is None)  # (stateless)
         hpa = must(kube_api, "autoscaling/v2/horizontalpodautoscalers", "demo-clients")
         validate_upstream(hpa)
         assert hpa["spec"]["metrics"][0]["object"]["metric"]["name"] == "federator_pending_tasks"
         await patch(kube_api, f"{FEDS_URL}/demo", {"spec": {"clients": {"autoscaling": {"enabled": False}}}})
         await eventually(lambda: live(kube_api, "autoscaling/v2/horizontalpodautoscalers", "demo-clients") is None)
         await settle(kube_api)
+
+
+# --------------------------------------------------------------------------------- the checkpoint
+
+
+def deletes_by_the_operator(api: ApiServer, *plurals: str) -> list[str]:
+    """DELETE requests of these kinds that the operator sent (it authenticates; the tests do not)."""
+    return [str(r.url.path) for r in api if r.method == "DELETE" and r.resource is not None
+            and r.resource.plural in plurals and r.headers.get("Authorization")]
+
+
+def claim_size(sts: dict[str, Any]) -> str:
+    return str(sts["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"])
+
+
+async def test_a_checkpoint_change_that_cannot_apply_in_place_is_refused_and_nothing_is_deleted(
+    kube_api: ApiServer, run_operator: OperatorRunner, status_servers: FakeServers
+) -> None:
+    status_servers.set("demo", server_report("demo", round=3))
+    sts_url = f"/apis/apps/v1/namespaces/{NS}/statefulsets/demo-server"
+    async with run_operator(resync_interval=3600.0):
+        await create(kube_api, FEDS_URL, federation())
+        sts = await eventually(lambda: live(kube_api, "apps/v1/statefulsets", "demo-server"))
+        assert sts["spec"]["persistentVolumeClaimRetentionPolicy"] == {"whenDeleted": "Retain", "whenScaled": "Retain"}
+        await eventually(lambda: condition(live(kube_api, FEDS, "demo"), "Ready").get("reason") == "ServerReady")
+        await settle(kube_api)
+
+        # a bigger checkpoint volume (and more rounds in the same edit): refused as a whole
+        await patch(kube_api, f"{FEDS_URL}/demo", {"spec": {"rounds": 8, "server": {"checkpoint": {"size": "5Gi"}}}})
+        await eventually(lambda: condition(live(kube_api, FEDS, "demo"), "Ready").get("reason") == "ImmutableField")
+        ready = condition(live(kube_api, FEDS, "demo"), "Ready")
+        assert ready["status"] == "False" and ready["message"].startswith("spec.server.checkpoint.size: 1Gi -> 5Gi")
+        assert "kubectl patch pvc state-demo-server-0" in ready["message"]
+        assert "kubectl delete statefulset demo-server -n default --cascade=orphan" in ready["message"]
+        assert condition(live(kube_api, FEDS, "demo"), "Degraded")["reason"] == "ImmutableField"
+        [warning] = await eventually(lambda: [e for e in events(kube_api, "demo") if e["reason"] == "ImmutableField"],
+                                     message="the Warning event (kopf posts events in the background)")
+        assert warning["type"] == "Warning" and warning["message"] == ready["message"]
+        await settle(kube_api)
+        kept = must(kube_api, "apps/v1/statefulsets", "demo-server")
+        assert (kept["metadata"]["uid"], claim_size(kept)) == (sts["metadata"]["uid"], "1Gi")
+        config = yaml.safe_load(must(kube_api, "v1/configmaps", "demo-config")["data"]["federation.yaml"])
+        assert config["spec"]["rounds"] == 5  # nothing of the refused spec was applied
+        assert must(kube_api, FEDS, "demo")["status"]["observedGeneration"] == 1
+
+        # the server's progress is still reported, and the refusal stands
+        status_servers.set("demo", server_report("demo", round=4))
+        await eventually(lambda: must(kube_api, FEDS, "demo")["status"]["round"] == 4)
+        assert condition(live(kube_api, FEDS, "demo"), "Ready")["reason"] == "ImmutableField"
+
+        # the migration the message names: the person deletes the StatefulSet (orphaning pod and claim)
+        resp = await kube_api.delete(sts_url)
+        assert resp.status < 300
+        await eventually(lambda: (obj := live(kube_api, "apps/v1/statefulsets", "demo-server"))
+                         and claim_size(obj) == "5Gi", message="re-created with the new size")
+        await eventually(lambda: must(kube_api, FEDS, "demo")["status"]["observedGeneration"] == 2)
+        await eventually(lambda: condition(live(kube_api, FEDS, "demo"), "Ready").get("reason") == "ServerReady")
+
+        # switching the checkpoint off would replace the StatefulSet: refused too, until the person deletes it
+        await patch(kube_api, f"{FEDS_URL}/demo", {"spec": {"server": {"checkpoint": {"enabled": False}}}})
+        await eventually(lambda: condition(live(kube_api, FEDS, "demo"), "Ready").get("message", "").startswith(
+            "spec.server.checkpoint.enabled: false would replace the server StatefulSet demo-server"))
+        await settle(kube_api)
+        assert live(kube_api, "apps/v1/deployments", "demo-server") is None  # never two servers
+        assert live(kube_api, "apps/v1/statefulsets", "demo-server") is not None
+        resp = await kube_api.delete(sts_url)
+        assert resp.status < 300
+        await eventually(lambda: live(kube_api, "apps/v1/deployments", "demo-server"), message="the plain server")
+        await settle(kube_api)
+    assert deletes_by_the_operator(kube_api, "statefulsets", "persistentvolumeclaims") == []
+
+
+async def test_kube_never_deletes_a_statefulset_even_on_a_422(kube_api: ApiServer, kubeconfig: Any) -> None:
+    from federator.operator.kube import ImmutableFieldError, Kube
+
+    sts: dict[str, Any] = {
+        "apiVersion": "apps/v1", "kind": "StatefulSet",
+        "metadata": {"name": "s", "namespace": NS, "labels": {"app.kubernetes.io/managed-by": "federator"}},
+        "spec": {"serviceName": "s", "selector": {"matchLabels": {"a": "b"}},
+                 "template": {"metadata": {"labels": {"a": "b"}},
+                              "spec": {"containers": [{"name": "c", "image": "i"}]}},
+                 "volumeClaimTemplates": [{"metadata": {"name": "state"}, "spec": {
+                     "accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}}]},
+    }
+    kube = Kube.from_environment()
+    try:
+        assert await kube.apply(sts) == "applied"
+        bigger = copy.deepcopy(sts)
+        bigger["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"] = "5Gi"
+        with pytest.raises(ImmutableFieldError, match="Forbidden: updates to statefulset spec"):
+            await kube.apply(bigger)  # the emulator answers 422, as the API server does
+        with pytest.raises(ValueError, match="never deletes a StatefulSet"):
+            await kube.delete("apps/v1", "StatefulSet", NS, "s")
+        with pytest.raises(ValueError, match="never deletes a PersistentVolumeClaim"):
+            await kube.delete("v1", "PersistentVolumeClaim", NS, "state-s-0")
+    finally:
+        await kube.close()
+    assert claim_size(must(kube_api, "apps/v1/statefulsets", "s")) == "1Gi"
+    assert [r for r in kube_api if r.method == "DELETE"] == []
 
 
 # ------------------------------------------------------------------------------------------ bad input
@@ -286,33 +388,45 @@ async def test_the_server_status_drives_the_federation_status(
     assert condition(live(kube_api, FEDS, "demo"), "Progressing")["reason"] == "Completed"
 
 
-async def test_a_finished_federation_scales_its_worker_pool_to_zero_and_back_when_it_runs_again(
+async def test_a_finished_federation_scales_its_worker_pool_to_zero_and_back_through_a_failed_call(
     kube_api: ApiServer, run_operator: OperatorRunner, status_servers: FakeServers
 ) -> None:
-    auto = {"autoscaling": {"enabled": True, "minReplicas": 1, "maxReplicas": 4}}
+    auto = {"autoscaling": {"enabled": True, "minReplicas": 2, "maxReplicas": 4}}
     spec = federation(clients={"count": 10, "perRound": 8, "workers": 2, **auto})
+    pool_path = f"/apis/apps/v1/namespaces/{NS}/deployments/demo-clients"
+
+    def replicas() -> int:
+        return int(must(kube_api, "apps/v1/deployments", "demo-clients")["spec"]["replicas"])
+
     status_servers.set("demo", server_report("demo", phase="Running", round=3))
     async with run_operator():
         await create(kube_api, FEDS_URL, spec)
         await eventually(lambda: live(kube_api, "autoscaling/v2/horizontalpodautoscalers", "demo-clients"))
-        pool = must(kube_api, "apps/v1/deployments", "demo-clients")
-        assert "replicas" not in pool["spec"]  # the HPA owns it while the federation runs
-        uid = pool["metadata"]["uid"]
+        assert "replicas" not in kube_api.last_applied[pool_path]["spec"]  # the HPA owns it while the federation runs
+        uid = must(kube_api, "apps/v1/deployments", "demo-clients")["metadata"]["uid"]
 
         status_servers.set("demo", server_report("demo", phase="Succeeded", round=15))
-        await eventually(lambda: must(kube_api, "apps/v1/deployments", "demo-clients")["spec"].get("replicas") == 0,
-                         message="worker pool at zero")
+        await eventually(lambda: replicas() == 0, message="worker pool at zero")
         await eventually(lambda: live(kube_api, "autoscaling/v2/horizontalpodautoscalers", "demo-clients") is None,
                          message="HPA gone (it cannot hold zero)")
         assert live(kube_api, "apps/v1/statefulsets", "demo-server") is not None  # the server keeps the result
+        await settle(kube_api)
 
-        # rounds raised after the end: the server resumes and runs again, and so does the pool
+        # rounds raised after the end: the server resumes and runs again, and so does the pool, even though
+        # the first write to the pool fails (the next level-triggered pass makes it true)
+        kube_api.fail_next("PATCH", pool_path)
         status_servers.set("demo", server_report("demo", phase="Running", round=15, rounds=30))
         await eventually(lambda: live(kube_api, "autoscaling/v2/horizontalpodautoscalers", "demo-clients"),
                          message="HPA back")
+        await eventually(lambda: replicas() >= 1, message="the pool is off zero")
+        assert kube_api.failures_left("PATCH", pool_path) == 0, "the injected failure was not hit"
         await settle(kube_api)
-        # an HPA never scales up from zero: the pool restarts at minReplicas and the HPA takes it from there
-        assert must(kube_api, "apps/v1/deployments", "demo-clients")["spec"]["replicas"] == 1
+
+        # `kubectl scale --replicas=0` while it runs: an HPA never scales up from zero, so the pass restarts
+        # the pool at minReplicas and the HPA takes it from there
+        await patch(kube_api, pool_path, {"spec": {"replicas": 0}})
+        await eventually(lambda: replicas() == 2, message="the pool restarts at minReplicas")
+        await settle(kube_api)
     assert must(kube_api, "apps/v1/deployments", "demo-clients")["metadata"]["uid"] == uid  # patched, not recreated
 
 
@@ -360,6 +474,127 @@ async def test_deleting_a_federation_stops_its_status_and_releases_it(
         await create(kube_api, FEDS_URL, federation("other"))  # and the operator still works
         await eventually(lambda: live(kube_api, "apps/v1/statefulsets", "other-server"))
         await settle(kube_api)
+
+
+# ------------------------------------------------------------------------------------- drift repair
+
+
+def url_of(resource: str, name: str) -> str:
+    group_version, plural = resource.rsplit("/", 1)
+    root = "api" if group_version == "v1" else "apis"
+    return f"/{root}/{group_version}/namespaces/{NS}/{plural}/{name}"
+
+
+def discovery_reads(api: ApiServer) -> int:
+    """How often the operator asked whether the cluster serves ServiceMonitors (once per resync pass)."""
+    return sum(r.method == "GET" and r.url.path == "/apis/monitoring.coreos.com/v1" for r in api)
+
+
+def first_container(obj: dict[str, Any]) -> dict[str, Any]:
+    return dict(obj["spec"]["template"]["spec"]["containers"][0])
+
+
+# (resource, name, a merge patch a person might apply by hand, what it changes)
+HAND_EDITS: list[tuple[str, str, dict[str, Any], Any]] = [
+    ("v1/configmaps", "demo-config", {"data": {"federation.yaml": "rounds: 1\n"}}, lambda o: o["data"]),
+    ("v1/secrets", "demo-credentials", {"data": {"tokens": None}}, lambda o: sorted(o["data"])),
+    ("v1/services", "demo-server", {"spec": {"type": "NodePort"}}, lambda o: o["spec"]["type"]),
+    ("apps/v1/statefulsets", "demo-server", {"spec": {"replicas": 3}}, lambda o: o["spec"]["replicas"]),
+    ("apps/v1/deployments", "demo-clients", {"spec": {"template": {"metadata": {"annotations": {
+        "federator.dev/config-hash": "edited"}}}}}, lambda o: o["spec"]["template"]["metadata"]["annotations"]),
+    ("autoscaling/v2/horizontalpodautoscalers", "demo-clients", {"spec": {"maxReplicas": 50}},
+     lambda o: o["spec"]["maxReplicas"]),
+    ("policy/v1/poddisruptionbudgets", "demo-clients", {"spec": {"maxUnavailable": 5}},
+     lambda o: o["spec"]["maxUnavailable"]),
+    ("networking.k8s.io/v1/networkpolicies", "demo-server", {"spec": {"policyTypes": ["Egress"]}},
+     lambda o: o["spec"]["policyTypes"]),
+    ("monitoring.coreos.com/v1/servicemonitors", "demo-server", {"spec": {"endpoints": []}},
+     lambda o: o["spec"]["endpoints"]),
+    ("apps/v1/deployments", "hospital-a-silo", {"spec": {"replicas": 5}}, lambda o: o["spec"]["replicas"]),
+]
+
+
+async def test_every_kind_of_child_deleted_or_edited_by_hand_is_restored(
+    kube_api: ApiServer, run_operator: OperatorRunner, status_servers: FakeServers
+) -> None:
+    """Repaired through the watches on children (the periodic resync is an hour away here)."""
+    install_service_monitors(kube_api)
+    status_servers.set("demo", server_report("demo"))
+    auto = {"autoscaling": {"enabled": True, "minReplicas": 1, "maxReplicas": 4}}
+    async with run_operator(resync_interval=3600.0):
+        await create(kube_api, FEDS_URL, federation(clients={"count": 10, "perRound": 8, **auto}))
+        await create(kube_api, FEDCS_URL, federated_client())
+        await eventually(lambda: all(live(kube_api, r, n) for r, n, _, _ in HAND_EDITS), message="every child")
+        await settle(kube_api)
+        before = {(r, n): must(kube_api, r, n) for r, n, _, _ in HAND_EDITS}
+        views = {(r, n): view for r, n, _, view in HAND_EDITS}
+
+        def now_as_before(key: tuple[str, str]) -> bool:
+            obj = live(kube_api, *key)
+            return obj is not None and views[key](obj) == views[key](before[key])
+
+        for resource, name, edit, _ in HAND_EDITS:  # all at once: repairs coalesce into a few passes
+            await patch(kube_api, url_of(resource, name), edit)
+            assert not now_as_before((resource, name)), f"the edit of {resource} changed nothing"
+        await eventually(lambda: [key for key in before if not now_as_before(key)] == [], timeout=30,
+                         message="every child edited by hand is restored")
+
+        for resource, name, _, _ in HAND_EDITS:
+            resp = await kube_api.delete(url_of(resource, name))
+            assert resp.status < 300
+
+        def recreated(key: tuple[str, str]) -> bool:
+            obj = live(kube_api, *key)
+            return obj is not None and obj["metadata"]["uid"] != before[key]["metadata"]["uid"]
+
+        await eventually(lambda: [key for key in before if not recreated(key)] == [], timeout=30,
+                         message="every child deleted by hand is re-created")
+        for key, old in before.items():
+            restored = must(kube_api, *key)
+            assert restored["metadata"]["ownerReferences"] == old["metadata"]["ownerReferences"]
+            if key[0] != "v1/secrets":  # (a re-created Secret holds new credentials)
+                assert now_as_before(key), f"{key} came back different"
+        await settle(kube_api)
+    about_children = [e for e in (r.data for r in kube_api if r.resource is not None and r.method == "POST"
+                                  and r.resource.plural == "events")
+                      if e["involvedObject"]["kind"] not in ("Federation", "FederatedClient")]
+    assert about_children == []  # watching children posts nothing about them
+
+
+async def test_a_field_dropped_from_the_spec_is_removed_from_the_child(
+    kube_api: ApiServer, run_operator: OperatorRunner, status_servers: FakeServers
+) -> None:
+    status_servers.set("demo", server_report("demo"))
+    limited = {"template": {"resources": {"requests": {"cpu": "1"}, "limits": {"memory": "1Gi"}}}}
+    async with run_operator():
+        await create(kube_api, FEDS_URL, federation(server=limited))
+        sts = await eventually(lambda: live(kube_api, "apps/v1/statefulsets", "demo-server"))
+        assert first_container(sts)["resources"] == {"requests": {"cpu": "1"}, "limits": {"memory": "1Gi"}}
+        await patch(kube_api, f"{FEDS_URL}/demo", {"spec": {"server": {"template": {"resources": {"limits": None}}}}})
+        await eventually(lambda: first_container(must(kube_api, "apps/v1/statefulsets", "demo-server"))["resources"]
+                         == {"requests": {"cpu": "1"}}, message="limits removed from the StatefulSet")
+        await settle(kube_api)
+
+
+async def test_a_resync_creates_the_service_monitor_once_its_api_appears(
+    kube_api: ApiServer, run_operator: OperatorRunner, status_servers: FakeServers
+) -> None:
+    status_servers.set("demo", server_report("demo"))
+    async with run_operator(resync_interval=0.5):
+        await create(kube_api, FEDS_URL, federation())
+        await eventually(lambda: all(live(kube_api, r, n) for r, n in CHILDREN), message="children")
+        await settle(kube_api)
+        assert live(kube_api, "monitoring.coreos.com/v1/servicemonitors", "demo-server") is None
+        install_service_monitors(kube_api)  # the Prometheus Operator is installed after the Federation
+        monitor = await eventually(lambda: live(kube_api, "monitoring.coreos.com/v1/servicemonitors", "demo-server"),
+                                   message="the ServiceMonitor after a resync")
+        assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
+        await settle(kube_api)
+        since_writes = len(writes(kube_api))
+        since = discovery_reads(kube_api)
+        await eventually(lambda: discovery_reads(kube_api) >= since + 2, message="two more resync passes")
+        assert [r for r in writes(kube_api)[since_writes:]
+                if r.resource is not None and r.resource.plural in CHILD_PLURALS] == []  # they found nothing to do
 
 
 # ------------------------------------------------------------------------------------ federated client
@@ -446,8 +681,13 @@ async def test_kube_applies_once_and_never_touches_foreign_objects(kube_api: Api
         assert await kube.apply(cm) == "applied"
         assert await kube.apply(cm) == "unchanged"
         assert kube.requests == {"GET": 2, "PATCH": 1}
-        assert await kube.apply({**cm, "data": {"a": "2"}}) == "applied"
-        assert must(kube_api, "v1/configmaps", "x")["data"] == {"a": "2"}
+        assert await kube.apply({**cm, "data": {"a": "2", "b": "3"}}) == "applied"
+        assert must(kube_api, "v1/configmaps", "x")["data"] == {"a": "2", "b": "3"}
+        assert await kube.apply({**cm, "data": {"a": "2"}}) == "applied"  # a dropped field is applied too...
+        assert must(kube_api, "v1/configmaps", "x")["data"] == {"a": "2"}  # ...and server-side apply removes it
+        await patch(kube_api, f"/api/v1/namespaces/{NS}/configmaps/x", {"data": {"a": "by hand"}})
+        assert await kube.apply({**cm, "data": {"a": "2"}}) == "applied"  # drift is applied back
+        assert await kube.apply({**cm, "data": {"a": "2"}}) == "unchanged"
 
         await create(kube_api, f"/api/v1/namespaces/{NS}/configmaps",
                      {"metadata": {"name": "theirs", "namespace": NS}, "data": {"b": "1"}})

@@ -104,6 +104,24 @@ def test_children_are_labelled_owned_and_restricted(variant: str) -> None:
             assert pod_spec(manifest)["automountServiceAccountToken"] is False
 
 
+def test_every_child_of_the_longest_name_fits_and_is_counted_in_the_name_limit() -> None:
+    from federator.api import names
+
+    longest = "x" * names.MAX_NAME_LENGTH
+    fed = Federation.model_validate({"apiVersion": "federator.dev/v1alpha1", "kind": "Federation",
+                                     "metadata": {"name": longest, "namespace": "team-a"},
+                                     "spec": {"rounds": 5, **VARIANTS["autoscaling"]}})
+    silo = client().model_copy(update={"metadata": fed.metadata.model_copy(update={"name": "c" * len(longest)})})
+    built = [*all_children(fed), children.silo_deployment(silo, children.client_owner(silo, CLIENT_UID), fed)]
+    for manifest in built:
+        name = manifest["metadata"]["name"]
+        assert len(name) - len(longest) <= names.LONGEST_SUFFIX, f"{name}: a suffix names.py does not know"
+        assert len(name) <= names.LABEL_VALUE_MAX
+        assert all(len(v) <= names.LABEL_VALUE_MAX for v in manifest["metadata"]["labels"].values())
+        if manifest["kind"] == "StatefulSet":  # its pods' label controller-revision-hash: <name>-<10 chars>
+            assert len(name) + names.STATEFULSET_REVISION_LABEL == names.LABEL_VALUE_MAX
+
+
 def test_builders_are_deterministic() -> None:
     fed = federation(**VARIANTS["resources"])
     twice = [[m for m in all_children(f) if m["kind"] != "Secret"] for f in (fed, copy.deepcopy(fed))]
@@ -148,6 +166,20 @@ def test_checkpoint_picks_the_server_kind_and_prunes_the_other() -> None:
         federation(server={"checkpoint": {"enabled": False}}), UID, service_monitor_api=False)
     assert "StatefulSet" not in [m["kind"] for m in without.apply]
     assert children.ChildRef("apps/v1", "StatefulSet", "team-a", "demo-server") in without.prune
+
+
+def test_the_checkpoint_volume_is_retained_unless_asked_and_retention_restarts_no_pod() -> None:
+    def policy(fed: Federation) -> dict[str, str]:
+        sts = children.server_statefulset(fed, children.federation_owner(fed, UID))
+        return dict(sts["spec"]["persistentVolumeClaimRetentionPolicy"])
+
+    assert policy(federation()) == {"whenDeleted": "Retain", "whenScaled": "Retain"}
+    deleting = federation(server={"checkpoint": {"whenDeleted": "Delete"}})
+    assert policy(deleting) == {"whenDeleted": "Delete", "whenScaled": "Retain"}
+    assert children.config_hash(deleting) == children.config_hash(federation())  # pods keep running
+    assert children.config_hash(federation(server={"checkpoint": {"size": "2Gi"}})) != children.config_hash(
+        federation())
+    assert children.checkpoint_claim_name("demo") == "state-demo-server-0"
 
 
 def test_clients_follow_the_runtime_contract() -> None:

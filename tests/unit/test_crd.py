@@ -9,11 +9,13 @@ from typing import Any
 
 import pytest
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from federator.api import crd as crd_module
+from federator.api.cel import rules_of, undeclared
 from federator.api.crd import all_crds, federated_client_crd, federation_crd, file_name, render
 from federator.api.models import FederatedClient, Federation
+from federator.api.names import MAX_NAME_LENGTH
 from federator.cli import main
 from tests.helpers.kubeschema import K8S_VERSIONS, crd_schema, crd_violations, validate_upstream
 
@@ -165,6 +167,13 @@ BAD_FEDERATIONS = [
     ("spec.server", {"port": 8080}, ".spec.server.metricsPort", "port and metricsPort must differ"),
     ("spec.data", {"dataset": "npz"}, ".spec.data.path", "path is required when dataset is npz"),
     ("metadata.name", "x" * 46, "", "metadata.name must be at most 45 characters"),
+    ("spec.byzantine", {"reputation": {"k": 4, "window": 3}, "detection": {}}, ".spec.byzantine.reputation.k",
+     "k must be <= window"),
+    ("spec.byzantine", {"reputation": {}}, ".spec.byzantine.reputation", "reputation counts detection flags"),
+    ("spec.byzantine", {"attack": {"type": "sign_flip"}}, ".spec.byzantine.attack",
+     "set exactly one of count or fraction"),
+    ("spec.byzantine", {"expectedFraction": 0.3}, ".spec.byzantine.expectedFraction",
+     "aggregation.rule fedavg tolerates no Byzantine client"),
     ("spec.compression", {"uplink": {"errorFeedback": True, "bits": 32}}, ".spec.compression.uplink.errorFeedback",
      "errorFeedback needs a lossy uplink"),
 ]
@@ -177,9 +186,23 @@ def test_cel_rejects_bad_federations_like_the_models_do(field: str, value: Any, 
     assert len(violations) == 1, violations
     assert violations[0][0] == where
     assert violations[0][1].startswith(message)
-    if field != "metadata.name":  # the model allows 63 characters; the operator checks 45 (InvalidSpec)
-        with pytest.raises(ValidationError):
-            Federation.model_validate(bad)
+    with pytest.raises(ValidationError):
+        Federation.model_validate(bad)
+
+
+def test_the_longest_name_passes_both_the_model_and_cel() -> None:
+    longest = with_spec(FED, "metadata.name", "x" * MAX_NAME_LENGTH)
+    assert crd_violations(federation_crd(), longest) == []
+    Federation.model_validate(longest)
+    client = with_spec(with_spec(FEDC, "metadata.name", "c" * MAX_NAME_LENGTH), "spec.federationRef.name",
+                       "x" * MAX_NAME_LENGTH)
+    assert crd_violations(federated_client_crd(), client) == []
+    FederatedClient.model_validate(client)
+    too_long = with_spec(FEDC, "metadata.name", "c" * (MAX_NAME_LENGTH + 1))
+    assert [v[1] for v in crd_violations(federated_client_crd(), too_long)] == [
+        f"metadata.name must be at most {MAX_NAME_LENGTH} characters (children append suffixes)"]
+    with pytest.raises(ValidationError, match="at most 45 characters"):
+        FederatedClient.model_validate(too_long)
 
 
 def test_min_per_round_defaults_to_count_when_per_round_is_absent() -> None:
@@ -199,16 +222,70 @@ def test_cel_wants_exactly_one_silo_volume(volume: dict[str, str]) -> None:
         FederatedClient.model_validate(bad)
 
 
-def test_every_model_validator_has_a_cel_rule() -> None:
-    """Each model with a cross-field validator is mirrored in CEL_RULES (or documented as operator-only)."""
+def all_models() -> set[type[BaseModel]]:
     from federator.api import models
 
-    with_validators = {
-        cls for cls in vars(models).values()
-        if isinstance(cls, type) and issubclass(cls, models.BaseModel) and cls.__module__ == models.__name__
-        and cls.__pydantic_decorators__.model_validators
-    }
-    assert with_validators <= set(crd_module.CEL_RULES), with_validators - set(crd_module.CEL_RULES)
+    declared = {cls for cls in vars(models).values()
+                if isinstance(cls, type) and issubclass(cls, BaseModel) and cls.__module__ == models.__name__}
+    return declared | set(crd_module.nested_models(Federation)) | set(crd_module.nested_models(FederatedClient))
+
+
+def test_every_model_validator_declares_its_cel_twin() -> None:
+    """A cross-field validator comes with `@cel(...)` (or `@cel_none(why)`): the CRD cannot forget a rule."""
+    missing = {cls.__name__: names for cls in all_models() if (names := undeclared(cls))}
+    assert missing == {}, f"add @cel(rule, message) under @model_validator: {missing}"
+
+
+def test_every_cel_rule_is_generated_into_the_crd_and_has_a_bad_example() -> None:
+    """Each declared rule lands in the CRD, and the tables above run it through both CEL and pydantic."""
+    declared = [r for cls in all_models() for r in rules_of(cls)]
+    assert len(declared) == 10  # perRound, minPerRound, minReplicas, ports, path, silo volume; byzantine: 4
+    generated = [v for _, node in _walk(crd_schema(federation_crd())) + _walk(crd_schema(federated_client_crd()))
+                 for v in node.get("x-kubernetes-validations", [])]
+    examples = [m for *_, m in BAD_FEDERATIONS] + ["minPerRound must be <= perRound (perRound defaults to count)",
+                                                  "set exactly one of persistentVolumeClaim or hostPath"]
+    for rule in declared:
+        assert rule.validation() in generated, rule
+        assert any(rule.message.startswith(m) for m in examples), f"no bad example for {rule.message!r}"
+
+
+def test_a_rule_declared_with_cel_reaches_the_schema_of_its_model() -> None:
+    """The mechanism itself, on a model made here: what another engineer's new validator gets."""
+    from pydantic import model_validator
+
+    from federator.api.cel import cel, cel_none
+
+    class Tolerance(BaseModel):
+        fraction: float = 0.0
+        limit: float = 0.5
+
+        @model_validator(mode="after")
+        @cel("self.fraction < self.limit", "fraction must be < limit", field_path=".fraction")
+        def _below(self) -> Tolerance:
+            if self.fraction >= self.limit:
+                raise ValueError("fraction must be < limit")
+            return self
+
+    class Outer(BaseModel):
+        tolerance: Tolerance = Tolerance()
+
+        @model_validator(mode="after")
+        @cel_none("reads a file")
+        def _file(self) -> Outer:
+            return self
+
+    schema = crd_module._schema_of(Outer, defaults=True)
+    assert schema["properties"]["tolerance"]["x-kubernetes-validations"] == [
+        {"rule": "self.fraction < self.limit", "message": "fraction must be < limit", "fieldPath": ".fraction"}]
+    assert undeclared(Outer) == [] and undeclared(Tolerance) == []
+    wrapped = {"type": "object", "properties": {"spec": schema}}
+    from tests.helpers.kubeschema import cel_violations
+
+    bad = {"spec": {"tolerance": {"fraction": 0.6, "limit": 0.5}}}
+    assert cel_violations(wrapped, bad) == [(".spec.tolerance.fraction", "fraction must be < limit")]
+    with pytest.raises(ValidationError, match="fraction must be < limit"):
+        Outer.model_validate(bad["spec"])
+    assert cel_violations(wrapped, {"spec": {"tolerance": {"fraction": 0.1, "limit": 0.5}}}) == []
 
 
 def test_upstream_helper_rejects_an_invalid_object() -> None:

@@ -25,6 +25,9 @@ def test_a_child_stops_when_the_write_end_closes() -> None:
     finally:
         os.close(read_fd)
         child.kill()
+        child.wait(30)
+        if child.stdout is not None:
+            child.stdout.close()  # (warnings are errors: an unclosed pipe fails the test)
 
 
 def test_a_process_without_its_pipe_watches_nothing() -> None:

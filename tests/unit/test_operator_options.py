@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+
 from federator.cli import build_parser
-from federator.operator.main import operator_options
+from federator.operator.main import QuietChildWatches, operator_options
 
 
 def test_no_namespace_is_clusterwide_and_standalone() -> None:
@@ -27,3 +29,14 @@ def test_the_cli_flags_reach_the_options() -> None:
     assert operator_options(args.namespace, args.peering, args.priority) == {
         "clusterwide": False, "namespaces": ["team-a"], "standalone": False, "peering_name": "federator",
         "priority": 3}
+
+
+def test_the_log_leaves_out_the_watches_on_children_but_nothing_else() -> None:
+    def record(message: str) -> logging.LogRecord:
+        return logging.LogRecord("kopf.objects", logging.INFO, __file__, 1, message, None, None)
+
+    quiet = QuietChildWatches()
+    assert not quiet.filter(record("Handler 'child-deployment' succeeded."))
+    assert not quiet.filter(record("Handler 'child-secret' is invoked."))
+    assert quiet.filter(record("Handler 'child-secret' failed with an exception. Will ignore."))
+    assert quiet.filter(record("Handler 'federation' succeeded."))

@@ -40,4 +40,8 @@ def test_the_lock_goes_with_its_process_however_it_ends(tmp_path: Path) -> None:
         holder.wait(30)
     finally:
         holder.kill()
+        holder.wait(30)
+        for pipe in (holder.stdin, holder.stdout):
+            if pipe is not None:
+                pipe.close()  # (warnings are errors: an unclosed pipe fails the test)
     ensure_unlocked(tmp_path)  # the kernel released it; the stale pid file does not matter

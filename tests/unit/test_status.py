@@ -7,12 +7,13 @@ from typing import Any
 import pytest
 
 from federator.api.models import FederationStatus
+from federator.api.serverstatus import ServerStatus
 from federator.operator import status
 
 T0, T1, T2 = "2026-01-01T00:00:00Z", "2026-01-01T00:01:00Z", "2026-01-01T00:10:00Z"
 
 
-def report(**overrides: Any) -> status.ServerReport:
+def report(**overrides: Any) -> ServerStatus:
     payload: dict[str, Any] = {
         "federation": "demo", "phase": "Running", "round": 3, "rounds": 15, "accuracy": 0.8123, "loss": 0.5,
         "epsilon": 1.5, "clients": {"connected": 4, "participants": 8}, "byzantineFlagged": 1,
@@ -52,8 +53,9 @@ def test_the_server_report_becomes_the_status() -> None:
         "phase": "Running", "round": 3, "rounds": 15, "accuracy": 0.8123, "loss": 0.5, "epsilon": 1.5,
         "byzantineFlagged": 1, "compressionRatio": 12.5, "observedGeneration": 1}
     assert st["clients"] == {"ready": 4, "participants": 8}
-    assert cond(st, "Ready") | {} == cond(st, "Ready")
-    assert (cond(st, "Ready")["status"], cond(st, "Ready")["reason"]) == ("True", status.SERVER_READY)
+    assert cond(st, "Ready") == {  # the whole condition, as written to the cluster
+        "type": "Ready", "status": "True", "reason": status.SERVER_READY, "message": "the server is up",
+        "lastTransitionTime": T1, "observedGeneration": 1}
     assert cond(st, "Progressing")["message"] == "round 3/15, accuracy 0.8123"
     assert cond(st, "Ready")["lastTransitionTime"] == T1  # False -> True
     assert cond(st, "Degraded")["lastTransitionTime"] == T0  # stayed False
@@ -121,6 +123,23 @@ def test_invalid_spec() -> None:
     assert status.federation_events(deployed(1), st) == []  # the handler posts InvalidSpec itself
     fixed = status.dump(status.federation_deployed(st, generation=3, rounds=15, now=T2))
     assert cond(fixed, "Ready")["reason"] == status.DEPLOYING and cond(fixed, "Degraded")["status"] == "False"
+
+
+def test_a_refused_change_stands_while_progress_is_still_reported() -> None:
+    running = status.dump(status.federation_observed(deployed(1), report(), now=T1))
+    refused = status.dump(status.federation_refused(running, "spec.server.checkpoint.size: 1Gi -> 5Gi ...",
+                                                    generation=2, now=T2))
+    assert refused["observedGeneration"] == 1  # generation 2 was not applied
+    assert (cond(refused, "Ready")["status"], cond(refused, "Ready")["reason"]) == ("False", status.IMMUTABLE_FIELD)
+    assert cond(refused, "Ready")["observedGeneration"] == 2
+    assert cond(refused, "Degraded")["status"] == "True" and status.should_poll(refused)
+    assert status.federation_events(running, refused) == []  # the reconcile posts the Warning itself
+    later = status.dump(status.federation_observed(refused, report(round=4), now=T2))
+    assert later["round"] == 4 and cond(later, "Ready") == cond(refused, "Ready")
+    assert cond(later, "Degraded") == cond(refused, "Degraded")
+    assert status.dump(status.federation_unreachable(later, "refused", now=T2, starting=False)) == later
+    applied = status.dump(status.federation_deployed(later, generation=3, rounds=15, now=T2))
+    assert cond(applied, "Ready")["reason"] == status.DEPLOYING and cond(applied, "Degraded")["status"] == "False"
 
 
 def test_redeploying_a_running_federation_keeps_its_conditions() -> None:

@@ -34,16 +34,18 @@ class Chunk(_message.Message):
     def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ..., crc32: _Optional[int] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
-    __slots__ = ("token", "worker_name", "silo", "silo_samples")
+    __slots__ = ("token", "worker_name", "silo", "silo_samples", "feature_stats")
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     WORKER_NAME_FIELD_NUMBER: _ClassVar[int]
     SILO_FIELD_NUMBER: _ClassVar[int]
     SILO_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_STATS_FIELD_NUMBER: _ClassVar[int]
     token: str
     worker_name: str
     silo: str
     silo_samples: int
-    def __init__(self, token: _Optional[str] = ..., worker_name: _Optional[str] = ..., silo: _Optional[str] = ..., silo_samples: _Optional[int] = ...) -> None: ...
+    feature_stats: FeatureStats
+    def __init__(self, token: _Optional[str] = ..., worker_name: _Optional[str] = ..., silo: _Optional[str] = ..., silo_samples: _Optional[int] = ..., feature_stats: _Optional[_Union[FeatureStats, _Mapping]] = ...) -> None: ...
 
 class JoinReply(_message.Message):
     __slots__ = ("worker_id", "heartbeat_seconds", "federation", "chunk_bytes", "input_shape", "num_classes")
@@ -74,7 +76,7 @@ class TaskRequest(_message.Message):
     def __init__(self, token: _Optional[str] = ..., worker_id: _Optional[str] = ..., have_version: _Optional[int] = ..., wait_seconds: _Optional[float] = ...) -> None: ...
 
 class TaskHeader(_message.Message):
-    __slots__ = ("kind", "task_id", "round", "client_id", "version", "weights_included", "tensors", "total_bytes", "config_json", "reason", "compressed", "delta_base")
+    __slots__ = ("kind", "task_id", "round", "client_id", "version", "weights_included", "tensors", "total_bytes", "config_json", "reason", "compressed", "delta_base", "normalization")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         NONE: _ClassVar[TaskHeader.Kind]
@@ -95,6 +97,7 @@ class TaskHeader(_message.Message):
     REASON_FIELD_NUMBER: _ClassVar[int]
     COMPRESSED_FIELD_NUMBER: _ClassVar[int]
     DELTA_BASE_FIELD_NUMBER: _ClassVar[int]
+    NORMALIZATION_FIELD_NUMBER: _ClassVar[int]
     kind: TaskHeader.Kind
     task_id: str
     round: int
@@ -107,7 +110,8 @@ class TaskHeader(_message.Message):
     reason: str
     compressed: bool
     delta_base: int
-    def __init__(self, kind: _Optional[_Union[TaskHeader.Kind, str]] = ..., task_id: _Optional[str] = ..., round: _Optional[int] = ..., client_id: _Optional[str] = ..., version: _Optional[int] = ..., weights_included: _Optional[bool] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., total_bytes: _Optional[int] = ..., config_json: _Optional[str] = ..., reason: _Optional[str] = ..., compressed: _Optional[bool] = ..., delta_base: _Optional[int] = ...) -> None: ...
+    normalization: Normalization
+    def __init__(self, kind: _Optional[_Union[TaskHeader.Kind, str]] = ..., task_id: _Optional[str] = ..., round: _Optional[int] = ..., client_id: _Optional[str] = ..., version: _Optional[int] = ..., weights_included: _Optional[bool] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., total_bytes: _Optional[int] = ..., config_json: _Optional[str] = ..., reason: _Optional[str] = ..., compressed: _Optional[bool] = ..., delta_base: _Optional[int] = ..., normalization: _Optional[_Union[Normalization, _Mapping]] = ...) -> None: ...
 
 class TaskMessage(_message.Message):
     __slots__ = ("header", "chunk")
@@ -180,6 +184,34 @@ class HeartbeatReply(_message.Message):
     known: bool
     task_valid: bool
     def __init__(self, known: _Optional[bool] = ..., task_valid: _Optional[bool] = ...) -> None: ...
+
+class FeatureStats(_message.Message):
+    __slots__ = ("count", "shape", "sum", "sum_squares", "min", "max")
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    SUM_FIELD_NUMBER: _ClassVar[int]
+    SUM_SQUARES_FIELD_NUMBER: _ClassVar[int]
+    MIN_FIELD_NUMBER: _ClassVar[int]
+    MAX_FIELD_NUMBER: _ClassVar[int]
+    count: int
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    sum: _containers.RepeatedScalarFieldContainer[float]
+    sum_squares: _containers.RepeatedScalarFieldContainer[float]
+    min: _containers.RepeatedScalarFieldContainer[float]
+    max: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, count: _Optional[int] = ..., shape: _Optional[_Iterable[int]] = ..., sum: _Optional[_Iterable[float]] = ..., sum_squares: _Optional[_Iterable[float]] = ..., min: _Optional[_Iterable[float]] = ..., max: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class Normalization(_message.Message):
+    __slots__ = ("mode", "shape", "shift", "scale")
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    SHIFT_FIELD_NUMBER: _ClassVar[int]
+    SCALE_FIELD_NUMBER: _ClassVar[int]
+    mode: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    shift: _containers.RepeatedScalarFieldContainer[float]
+    scale: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, mode: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., shift: _Optional[_Iterable[float]] = ..., scale: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class LeaveRequest(_message.Message):
     __slots__ = ("token", "worker_id")
