@@ -32,8 +32,8 @@ import torch
 
 from federator.api.manifest import ManifestError
 from federator.api.models import Federation, FederationSpec
-from federator.runtime import compression as comp
 from federator.api.serverstatus import ServerStatus
+from federator.runtime import compression as comp
 from federator.runtime import lifeline
 from federator.runtime.aggregation import (
     AggregationPipeline,
@@ -50,8 +50,8 @@ from federator.runtime.byzantine import ReputationState, is_quarantined
 from federator.runtime.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from federator.runtime.config import load_federation_config
 from federator.runtime.data import DataError, prepare_data
-from federator.runtime.downlink import Downlink
 from federator.runtime.diagnostics import majority_rate, stuck_at_majority, stuck_message
+from federator.runtime.downlink import Downlink
 from federator.runtime.httpserver import StatusHTTPServer
 from federator.runtime.metrics import ServerMetrics
 from federator.runtime.models import ModelError, build_model, count_parameters
