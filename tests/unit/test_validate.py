@@ -6,9 +6,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
+from federator.api.models import Federation
 from federator.cli import main
 from tests.helpers.manifests import manifest, write_manifest
 
@@ -198,4 +200,79 @@ def test_run_checks_the_data_before_starting_anything(tmp_path: Path) -> None:
                           capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 2
     assert f"data.path: nowhere.csv does not exist (relative to {tmp_path})" in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+# aggregation.maxBufferBytes: BASE's mlp [32] on digits (64 inputs, 10 classes) has 64*32+32 + 32*10+10 = 2410
+# parameters; a buffered round of perRound=4 updates holds 4 x 2410 x 4 = 38560 bytes.
+DIGITS_MLP_PARAMETERS = 2410
+DIGITS_MLP_ROUND_BYTES = 38_560
+
+
+@pytest.mark.parametrize("extra", [
+    {"aggregation": {"rule": "median"}},
+    {"aggregation": {"rule": "fedavg"}, "byzantine": {"detection": {"method": "norm"}}},
+])
+def test_a_buffered_round_over_max_buffer_bytes_fails_with_both_numbers(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: dict[str, dict[str, object]]) -> None:
+    doc = manifest(**extra)
+    doc["spec"]["aggregation"]["maxBufferBytes"] = DIGITS_MLP_ROUND_BYTES - 1
+    code, lines = validate(capsys, write_manifest(tmp_path / "m.yaml", doc))
+    assert code == 2 and len(lines) == 1, lines
+    assert f"aggregation.maxBufferBytes={DIGITS_MLP_ROUND_BYTES - 1} is too small" in lines[0]
+    assert f"= {DIGITS_MLP_ROUND_BYTES} bytes per round" in lines[0]
+    assert "lower clients.perRound" in lines[0] and "use rule fedavg" in lines[0]
+    # the server refuses the same spec with the same words (its pipeline, on the model it builds)
+    from federator.runtime.aggregation import AggregationPipeline
+    from federator.runtime.models import build_model
+    from federator.runtime.training import get_params
+
+    spec = Federation.model_validate(doc).spec
+    params = get_params(build_model(spec.model, (1, 8, 8), 10, seed=0))
+    with pytest.raises(ValueError) as refused:
+        AggregationPipeline(spec, params)
+    assert lines[0].endswith(f"Federation/test: {refused.value}")
+
+
+def test_a_buffered_round_that_just_fits_is_valid(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    doc = manifest(aggregation={"rule": "median", "maxBufferBytes": DIGITS_MLP_ROUND_BYTES})
+    code, lines = validate(capsys, write_manifest(tmp_path / "m.yaml", doc))
+    assert code == 0, lines
+
+
+def test_fedavg_streams_so_its_buffer_is_never_checked_and_torch_never_imported(tmp_path: Path) -> None:
+    path = write_manifest(tmp_path / "m.yaml", manifest(aggregation={"rule": "fedavg", "maxBufferBytes": 1}))
+    probe = ("import sys\nfrom federator.cli import main\n"
+             f"code = main(['validate', {str(path)!r}])\nprint(code, 'torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "0 False", done.stdout
+
+
+def test_the_buffer_is_counted_for_file_data_and_custom_models(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=rng.normal(size=(30, 5)).astype(np.float32), y=np.arange(30) % 3)
+    # mlp [4] on 5 features and 3 classes: 5*4+4 + 4*3+3 = 39 parameters; 4 updates: 624 bytes
+    doc = manifest(data={"dataset": "npz", "path": str(tmp_path / "d.npz")}, model={"name": "mlp", "hiddenSizes": [4]},
+                   aggregation={"rule": "trimmed_mean", "trimFraction": 0.0, "maxBufferBytes": 623})
+    code, lines = validate(capsys, write_manifest(tmp_path / "m.yaml", doc))
+    assert code == 2 and len(lines) == 1 and "= 624 bytes per round" in lines[0], lines
+    doc["spec"]["aggregation"]["maxBufferBytes"] = 624
+    assert validate(capsys, write_manifest(tmp_path / "m.yaml", doc))[0] == 0
+    # ballast of 1/64 MiB (4096 floats) + a 64 -> 10 head (650): 4746 parameters; 4 updates: 75936 bytes
+    doc = manifest(model={"name": "tests.helpers.bigmodel:ballast", "args": {"megabytes": 1 / 64}},
+                   aggregation={"rule": "krum", "maxBufferBytes": 75_935})
+    code, lines = validate(capsys, write_manifest(tmp_path / "m.yaml", doc))
+    assert code == 2 and len(lines) == 1 and "= 75936 bytes per round" in lines[0], lines
+
+
+def test_run_checks_the_round_buffer_before_starting_anything(tmp_path: Path) -> None:
+    doc = manifest(aggregation={"rule": "geometric_median", "maxBufferBytes": 1000})
+    path = write_manifest(tmp_path / "m.yaml", doc)
+    done = subprocess.run([sys.executable, "-m", "federator", "run", str(path), "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 2
+    assert "aggregation.maxBufferBytes=1000 is too small" in done.stderr
+    assert f"= {DIGITS_MLP_ROUND_BYTES} bytes per round" in done.stderr
     assert not (tmp_path / "out").exists()

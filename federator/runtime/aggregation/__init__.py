@@ -1,6 +1,7 @@
 """Aggregation: the pipeline seam of the server (see pipeline.py), streaming FedAvg, robust rules through
 one registry, and the server optimizers."""
 
+from federator.api.buffer import buffer_bytes, buffer_problem, needs_buffer
 from federator.runtime.aggregation.fedavg import FedAvgAccumulator, check_same_layout, weighted_average
 from federator.runtime.aggregation.pipeline import (
     AggregationPipeline,
@@ -8,9 +9,6 @@ from federator.runtime.aggregation.pipeline import (
     RoundAggregator,
     RoundResult,
     UpdateScore,
-    buffer_bytes,
-    buffer_problem,
-    needs_buffer,
 )
 from federator.runtime.aggregation.rules import RULES, Rule, RuleContext, get_rule
 from federator.runtime.aggregation.server_optimizer import (

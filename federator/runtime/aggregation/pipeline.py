@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from federator.api.buffer import buffer_problem, needs_buffer
 from federator.api.models import FederationSpec
 from federator.api.tolerance import expected_byzantine
 from federator.runtime import byzantine, robust
@@ -38,34 +39,7 @@ from federator.runtime.training import Params
 
 log = logging.getLogger("federator.aggregation")
 
-FLOAT32_BYTES = 4
 MIN_SCORED_UPDATES = 3  # a robust z-score, a median direction or a Krum score needs at least three updates
-
-
-def buffer_bytes(updates: int, parameters: int) -> int:
-    """Memory of a buffered round: one float32 row per update."""
-    return updates * parameters * FLOAT32_BYTES
-
-
-def needs_buffer(spec: FederationSpec) -> bool:
-    attack = spec.byzantine.attack
-    server_attack = attack is not None and attack.type != "label_flip"
-    return not get_rule(spec.aggregation.rule).streaming or spec.byzantine.detection is not None or server_attack
-
-
-def buffer_problem(spec: FederationSpec, parameters: int) -> str | None:
-    """None when a round's buffer fits `aggregation.maxBufferBytes`, else the message with the numbers."""
-    if not needs_buffer(spec):
-        return None
-    n = spec.clients.per_round
-    need = buffer_bytes(n, parameters)
-    limit = spec.aggregation.maxBufferBytes
-    if need <= limit:
-        return None
-    return (f"aggregation.maxBufferBytes={limit} is too small: rule {spec.aggregation.rule} buffers "
-            f"clients.perRound={n} updates x {parameters} parameters x 4 bytes = {need} bytes per round; raise "
-            f"aggregation.maxBufferBytes to at least {need}, lower clients.perRound, or use rule fedavg without "
-            "detection (it streams)")
 
 
 # ------------------------------------------------------------------------------------------- state
