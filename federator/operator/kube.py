@@ -9,6 +9,10 @@ Nothing is sent when the live object carries the hash of the desired manifest *a
 field of it: so a second reconcile pass issues no mutating request at all, a restarted operator adopts
 what exists without churn, a field dropped from the desired manifest changes the hash (and server-side
 apply removes it from the cluster), and a field someone edited by hand is applied back.
+
+`Kube.written` remembers, per object, the manifest this process last left it at (applied, created, or
+found current). A watch event whose object is still as left (`left_as_written`) was caused by the
+operator's own write: the owner's reconcile would write nothing, so drift repair need not wake it.
 """
 
 from __future__ import annotations
@@ -145,6 +149,27 @@ def is_current(live: Mapping[str, Any], desired: Mapping[str, Any]) -> bool:
     return annotations.get(APPLIED_HASH_ANNOTATION) == applied_hash(desired) and covers(live, desired)
 
 
+ObjectKey = tuple[str, str, str, str]  # apiVersion, kind, namespace, name
+
+
+def object_key(obj: Mapping[str, Any]) -> ObjectKey:
+    meta = obj.get("metadata") or {}
+    return str(obj.get("apiVersion")), str(obj.get("kind")), str(meta.get("namespace")), str(meta.get("name"))
+
+
+def left_as_written(live: Mapping[str, Any], written: Mapping[str, Any] | None) -> bool:
+    """Whether `live` is still what the operator wrote (`written`): a reconcile would not write it again.
+
+    An applied manifest (it carries the applied hash) is judged as `apply()` judges it (`is_current`);
+    another (the credentials Secret) must be covered and hold the same data keys, none added or removed.
+    """
+    if written is None:
+        return False
+    if APPLIED_HASH_ANNOTATION in ((written.get("metadata") or {}).get("annotations") or {}):
+        return is_current(live, written)
+    return covers(live, written) and set(live.get("data") or {}) == set(written.get("data") or {})
+
+
 def is_managed(obj: Mapping[str, Any]) -> bool:
     return ((obj.get("metadata") or {}).get("labels") or {}).get(MANAGED_BY_LABEL) == MANAGED_BY
 
@@ -200,6 +225,7 @@ class Kube:
     timeout: float = 30.0
     field_manager: str = FIELD_MANAGER
     requests: dict[str, int] = field(default_factory=dict)  # method -> count (for tests and benchmarks)
+    written: dict[ObjectKey, dict[str, Any]] = field(default_factory=dict)  # see `left_as_written`
     _session: aiohttp.ClientSession | None = field(default=None, init=False, repr=False)
     _closed: bool = field(default=False, init=False, repr=False)
 
@@ -255,6 +281,14 @@ class Kube:
                 raise ApiError(resp.status, reason, message)
             return json.loads(text) if text else None
 
+    def remember(self, manifest: Mapping[str, Any]) -> None:
+        """Record that this process left an object as `manifest` says (after a write, or finding it so)."""
+        self.written[object_key(manifest)] = copy.deepcopy(dict(manifest))
+
+    def left_as_written(self, live: Mapping[str, Any]) -> bool:
+        """Whether `live` is as this process last left it (see the module's docstring)."""
+        return left_as_written(live, self.written.get(object_key(live)))
+
     # ------------------------------------------------------------------------------------- reading
 
     async def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
@@ -306,7 +340,9 @@ class Kube:
                     f"{kind} {meta['namespace']}/{meta['name']} exists and is not managed by Federator; "
                     f"rename or delete it")
             if is_current(live, manifest):
+                self.remember(manifest)
                 return "unchanged"
+        self.written.pop(object_key(manifest), None)
         try:
             await self._server_side_apply(manifest)
         except ApiError as exc:
@@ -317,7 +353,9 @@ class Kube:
             logger.info("re-creating %s %s/%s: %s", kind, meta["namespace"], meta["name"], exc.message)
             await self.delete(api_version, kind, meta["namespace"], meta["name"])
             await self._server_side_apply(manifest)
+            self.remember(manifest)
             return "recreated"
+        self.remember(manifest)
         return "applied"
 
     async def _server_side_apply(self, manifest: Mapping[str, Any]) -> dict[str, Any]:
@@ -365,6 +403,7 @@ class Kube:
         """Delete (background propagation); False if it was not there. Never a kind in NEVER_DELETED."""
         if kind in NEVER_DELETED:
             raise ValueError(f"Federator never deletes a {kind} ({namespace}/{name}): it may hold the checkpoint")
+        self.written.pop((api_version, kind, namespace, name), None)
         try:
             await self.request(
                 "DELETE",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import copy
 import json
 from typing import Any
@@ -153,6 +154,23 @@ async def test_a_federation_gets_every_child_valid_and_owned(
                        "flaggedClients",
                        "compressionRatio", "observedGeneration", "conditions"}  # nothing from kopf
     assert any(e["reason"] == "Reconciled" for e in events(kube_api, "demo"))
+
+
+async def test_the_events_of_the_operators_own_writes_wake_no_extra_pass(
+    kube_api: ApiServer, run_operator: OperatorRunner, status_servers: FakeServers
+) -> None:
+    """Creating a Federation reads each child as one reconcile pass does (the StatefulSet twice: the
+    immutable-field check, then the apply), not once more for every watch event its own writes caused."""
+    status_servers.set("demo", server_report("demo"))
+    async with run_operator(resync_interval=3600.0):
+        await create(kube_api, FEDS_URL, federation())
+        await eventually(lambda: all(live(kube_api, r, n) for r, n in CHILDREN), message="children")
+        await eventually(lambda: condition(live(kube_api, FEDS, "demo"), "Ready").get("status") == "True")
+        await settle(kube_api)
+        reads = collections.Counter(
+            f"{r.resource.plural}/{r.name}" for r in child_requests(kube_api) if r.method == "GET")
+    assert reads["statefulsets/demo-server"] == 2, reads
+    assert max(reads.values()) <= 2 and sum(reads.values()) <= len(reads) + 1, reads
 
 
 async def test_a_restarted_operator_adopts_without_writes(

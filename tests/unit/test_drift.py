@@ -71,3 +71,50 @@ async def test_a_nudge_reaches_only_a_registered_owner() -> None:
         assert not nudges.nudge("fed-2")
     assert not nudges.nudge("fed-1")  # its daemon has stopped
     await asyncio.sleep(0)
+
+
+def test_a_child_still_as_the_operator_left_it_wakes_nobody_and_an_edit_or_delete_does() -> None:
+    from federator.operator.kube import Connection, Kube, with_applied_hash
+    from federator.operator.reconcile import child_changed
+
+    kube, nudges = Kube(Connection(server="http://unused")), Nudges()
+    manifest = with_applied_hash({k: v for k, v in deployment().items() if k != "status"})
+    kube.remember(manifest)
+    memo: dict[str, Any] = {"kube": kube, "nudges": nudges}
+    with nudges.registered("fed-1"):
+        own_write = copy.deepcopy(manifest) | {"status": {"replicas": 0}}
+        own_write["metadata"]["annotations"]["deployment.kubernetes.io/revision"] = "1"  # a controller's
+        assert child_changed(memo, own_write, "ADDED") == []
+        assert child_changed(memo, own_write, "DELETED") == ["fed-1"]
+        edited = copy.deepcopy(own_write)
+        edited["spec"]["replicas"] = 5
+        assert child_changed(memo, edited, "MODIFIED") == ["fed-1"]
+        stale = copy.deepcopy(own_write)
+        stale["metadata"]["annotations"]["federator.dev/applied-hash"] = "older"
+        assert child_changed(memo, stale, "MODIFIED") == ["fed-1"]
+
+
+def test_the_credentials_secret_is_as_left_only_with_the_same_data_keys() -> None:
+    from federator.operator.kube import left_as_written
+
+    written = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s", "namespace": "default"},
+               "data": {"tokens": "dA==", "ca.crt": "Yw=="}}
+    live = copy.deepcopy(written) | {"type": "Opaque"}
+    assert left_as_written(live, written)
+    assert not left_as_written(live | {"data": {"tokens": "dA=="}}, written)  # a key removed
+    assert not left_as_written(live | {"data": {**written["data"], "extra": "eA=="}}, written)  # one added
+    assert not left_as_written(live, None)  # never written by this process: the fingerprint decides
+
+
+def test_an_autoscaled_pool_scaled_to_zero_by_hand_wakes_its_owner_though_its_manifest_covers_it() -> None:
+    from federator.operator.kube import Connection, Kube, with_applied_hash
+    from federator.operator.reconcile import child_changed
+
+    kube, nudges = Kube(Connection(server="http://unused")), Nudges()
+    pool = {k: v for k, v in deployment().items() if k != "status"} | {"spec": {"selector": {}}}  # HPA: replicas
+    kube.remember(with_applied_hash(pool))
+    memo: dict[str, Any] = {"kube": kube, "nudges": nudges}
+    live = with_applied_hash(pool)
+    with nudges.registered("fed-1"):
+        assert child_changed(memo, live | {"spec": {"selector": {}, "replicas": 3}}, "MODIFIED") == []
+        assert child_changed(memo, live | {"spec": {"selector": {}, "replicas": 0}}, "MODIFIED") == ["fed-1"]
