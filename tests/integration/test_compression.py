@@ -22,6 +22,8 @@ from federator.runtime.residuals import ResidualStore
 from federator.runtime.server import CHECKPOINT_FILE, FederationServer
 from federator.runtime.training import Params
 from federator.runtime.transport import encode, serialize_message
+from tests.helpers.inprocess import TOKEN as SERVER_TOKEN
+from tests.helpers.inprocess import run_in_process
 from tests.helpers.manifests import manifest
 from tests.integration.test_hostile_updates import TOKEN, Hostile, rejections
 
@@ -54,25 +56,15 @@ class CountingCalls:
 
 def run_federation(state: Path, doc: dict[str, Any], residuals: Path, workers: int = 2,
                    ) -> tuple[FederationServer, list[Worker], list[CountingCalls]]:
-    fed = Federation.model_validate(doc)
-    server = FederationServer(fed, state, ["t"]).start()
-    ws = [Worker(fed, f"127.0.0.1:{server.port}", "t", name=f"w{i}", residual_dir=residuals)
-          for i in range(workers)]
-    counters = []
-    for w in ws:
+    counters: list[CountingCalls] = []
+
+    def counting_worker(fed: Federation, address: str, i: int) -> Worker:
+        w = Worker(fed, address, SERVER_TOKEN, name=f"w{i}", residual_dir=residuals)
         counters.append(CountingCalls(w._calls))
         w._calls = counters[-1]  # type: ignore[assignment]
-    threads = [threading.Thread(target=w.run, daemon=True) for w in ws]
-    for t in threads:
-        t.start()
-    try:
-        server.run()
-        for t in threads:
-            t.join(60)
-    finally:
-        for w in ws:
-            w.close()
-        server.stop()
+        return w
+
+    server, ws = run_in_process(doc, state, workers, join_seconds=60, make_worker=counting_worker)
     return server, ws, counters
 
 

@@ -23,6 +23,7 @@ from federator.runtime.normalization import (
 from federator.runtime.proto import federator_pb2 as pb
 from federator.runtime.proto import federator_pb2_grpc as pb_grpc
 from federator.runtime.server import CHECKPOINT_FILE, FederationServer
+from tests.helpers.inprocess import run_in_process
 from tests.helpers.manifests import manifest
 from tests.helpers.tables import raw_scale_table
 
@@ -39,21 +40,7 @@ def _table_manifest(path: Path, rounds: int, **data: Any) -> dict[str, Any]:
 
 
 def _run(tmp_path: Path, doc: dict[str, Any], workers: int = 2) -> FederationServer:
-    fed = Federation.model_validate(doc)
-    server = FederationServer(fed, tmp_path / "state", ["t"]).start()
-    ws = [Worker(fed, f"127.0.0.1:{server.port}", "t", name=f"w{i}") for i in range(workers)]
-    threads = [threading.Thread(target=w.run, daemon=True) for w in ws]
-    for t in threads:
-        t.start()
-    try:
-        server.run()
-        for t in threads:
-            t.join(30)
-    finally:
-        for w in ws:
-            w.close()
-        server.stop()
-    return server
+    return run_in_process(doc, tmp_path / "state", workers)[0]
 
 
 def test_raw_scale_table_learns_with_the_default_and_is_flagged_without_it(tmp_path: Path) -> None:

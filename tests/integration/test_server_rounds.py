@@ -11,29 +11,15 @@ import grpc
 import pytest
 
 from federator.api.models import Federation
-from federator.runtime.client import Worker
 from federator.runtime.proto import federator_pb2 as pb
 from federator.runtime.proto import federator_pb2_grpc as pb_grpc
 from federator.runtime.server import FederationServer
+from tests.helpers.inprocess import run_in_process
 from tests.helpers.manifests import manifest
 
 
 def run_federation(tmp_path: Path, doc: dict[str, Any], workers: int = 2) -> FederationServer:
-    fed = Federation.model_validate(doc)
-    server = FederationServer(fed, tmp_path, ["t"]).start()
-    ws = [Worker(fed, f"127.0.0.1:{server.port}", "t", name=f"w{i}") for i in range(workers)]
-    threads = [threading.Thread(target=w.run, daemon=True) for w in ws]
-    for t in threads:
-        t.start()
-    try:
-        server.run()
-        for t in threads:
-            t.join(30)
-    finally:
-        for w in ws:
-            w.close()
-        server.stop()
-    return server
+    return run_in_process(doc, tmp_path, workers)[0]
 
 
 @pytest.mark.parametrize(

@@ -20,6 +20,7 @@ the explicit `AggregationState`: passed in, returned anew, and checkpointed by t
 from __future__ import annotations
 
 import logging
+from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -129,7 +130,7 @@ class AggregationPipeline:
         return StreamingRound(self, rnd, global_params, self._accumulator)
 
 
-class RoundAggregator:
+class RoundAggregator(ABC):
     """Collects one round's accepted updates; `finish` turns them into the round's aggregate."""
 
     def __init__(self, pipeline: AggregationPipeline, rnd: int, global_params: Params) -> None:
@@ -138,11 +139,13 @@ class RoundAggregator:
         self.global_params = global_params
         self.count = 0
 
+    @abstractmethod
     def add(self, client: str, params: Mapping[str, torch.Tensor], weight: float) -> None:
-        raise NotImplementedError
+        """Take one accepted, decoded update of this round."""
 
+    @abstractmethod
     def finish(self, state: AggregationState) -> RoundResult:
-        raise NotImplementedError
+        """The round's aggregate (and the state the next round starts from)."""
 
 
 class StreamingRound(RoundAggregator):
