@@ -738,6 +738,7 @@ async def test_the_federator_operator_command_runs_the_operator(kube_api: ApiSer
     await create(kube_api, FEDS_URL, federation())
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "federator", "operator", "--all-namespaces", "--liveness", f"http://127.0.0.1:{port}/healthz",
+        "--metrics-port", "-1",  # tests/integration/test_operator_metrics.py scrapes it
         env={**os.environ, "FEDERATOR_STATUS_INTERVAL": "0.2"},
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
     try:
