@@ -78,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     scope.add_argument("--namespace", "-n", action="append", default=None, help="watch this namespace (repeatable)")
     scope.add_argument("--all-namespaces", "-A", action="store_true", help="watch every namespace (default)")
     op.add_argument("--liveness", default="http://0.0.0.0:8081/healthz", help="liveness endpoint URL")
+    op.add_argument("--metrics-port", type=int, default=8080,
+                    help="HTTP /metrics port of the operator's own metrics (-1 = off)")
     op.add_argument("--peering", default=None, help="kopf peering name for more than one replica (default: standalone)")
     op.add_argument("--priority", type=int, default=None,
                     help="peering priority: the highest live one works (default: random, so replicas never tie)")

@@ -15,6 +15,7 @@ import kopf
 from federator.api.models import GROUP, VERSION
 from federator.operator import daemon, drift, reconcile
 from federator.operator.kube import MANAGED_BY, MANAGED_BY_LABEL, PLURALS, Kube
+from federator.operator.metrics import PHASES, observed_reconcile
 
 FEDERATIONS = (GROUP, VERSION, "federations")
 CLIENTS = (GROUP, VERSION, "federatedclients")
@@ -71,8 +72,9 @@ async def api_reachable(memo: kopf.Memo, **_: Any) -> None:
 @kopf.on.create(*FEDERATIONS)
 @kopf.on.update(*FEDERATIONS)
 async def federation(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
-    await reconcile.reconcile_federation(
-        kube=memo["kube"], config=memo["config"], body=body, memo=memo, logger=logger)
+    async with observed_reconcile("Federation") as this:
+        this.refused = await reconcile.reconcile_federation(
+            kube=memo["kube"], config=memo["config"], body=body, memo=memo, logger=logger)
 
 
 @kopf.daemon(*FEDERATIONS, id="status", cancellation_backoff=2.0, cancellation_timeout=5.0)
@@ -83,8 +85,11 @@ async def federation_status(
         await reconcile.poll_federation(
             kube=memo["kube"], session=memo["http"], config=memo["config"], body=body, memo=memo)
 
-    await daemon.daemon_loop(poll, stopped=stopped, interval=memo["config"].status_interval, logger=logger,
-                              closing=lambda: bool(memo["lifecycle"]["closing"]))
+    try:
+        await daemon.daemon_loop(poll, stopped=stopped, interval=memo["config"].status_interval, logger=logger,
+                                  closing=lambda: bool(memo["lifecycle"]["closing"]))
+    finally:  # deleted, or no longer this replica's: no longer counted among the managed Federations
+        PHASES.forget(str(body["metadata"].get("uid")))
 
 
 @kopf.daemon(*FEDERATIONS, id="resync", cancellation_backoff=2.0, cancellation_timeout=5.0)
@@ -92,8 +97,9 @@ async def federation_resync(
     body: kopf.Body, memo: kopf.Memo, stopped: kopf.DaemonStopped, logger: kopf.Logger, **_: Any
 ) -> None:
     async def resync() -> None:
-        await reconcile.reconcile_federation(
-            kube=memo["kube"], config=memo["config"], body=body, memo=memo, logger=logger, resync=True)
+        async with observed_reconcile("Federation") as this:
+            this.refused = await reconcile.reconcile_federation(
+                kube=memo["kube"], config=memo["config"], body=body, memo=memo, logger=logger, resync=True)
 
     await _resync_loop(resync, body=body, memo=memo, stopped=stopped, logger=logger)
 
@@ -114,8 +120,9 @@ async def _resync_loop(resync: daemon.Step, *, body: kopf.Body, memo: kopf.Memo,
 @kopf.on.create(*CLIENTS)
 @kopf.on.update(*CLIENTS)
 async def federated_client(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
-    await reconcile.reconcile_client(
-        kube=memo["kube"], config=memo["config"], body=body, memo=memo, logger=logger)
+    async with observed_reconcile("FederatedClient"):
+        await reconcile.reconcile_client(
+            kube=memo["kube"], config=memo["config"], body=body, memo=memo, logger=logger)
 
 
 @kopf.on.delete(*CLIENTS)
@@ -128,8 +135,9 @@ async def federated_client_resync(
     body: kopf.Body, memo: kopf.Memo, stopped: kopf.DaemonStopped, logger: kopf.Logger, **_: Any
 ) -> None:
     async def resync() -> None:
-        await reconcile.reconcile_client(
-            kube=memo["kube"], config=memo["config"], body=body, memo=memo, logger=logger, resync=True)
+        async with observed_reconcile("FederatedClient"):
+            await reconcile.reconcile_client(
+                kube=memo["kube"], config=memo["config"], body=body, memo=memo, logger=logger, resync=True)
 
     await _resync_loop(resync, body=body, memo=memo, stopped=stopped, logger=logger)
 

@@ -30,6 +30,7 @@ from typing import Any, Literal
 import aiohttp
 
 from federator.api.models import API_VERSION
+from federator.operator.metrics import API_REQUESTS, api_outcome
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +60,9 @@ RECREATE_ON_IMMUTABLE = {"Deployment", "PodDisruptionBudget"}
 # Kinds that hold the checkpoint: never deleted by the operator, for any reason (an immutable-field change
 # is refused instead; see immutable.py), so no request of this client can lose a completed round.
 NEVER_DELETED = {"StatefulSet", "PersistentVolumeClaim"}
+
+# HTTP method -> the Kubernetes verb it is (a GET of a collection is a `list`: `Kube.list` says so)
+VERBS = {"GET": "get", "POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}
 
 ApplyOutcome = Literal["unchanged", "applied", "recreated"]
 
@@ -258,7 +262,9 @@ class Kube:
         body: Any = None,
         content_type: str = "application/json",
         params: Mapping[str, str] | None = None,
+        verb: str | None = None,
     ) -> Any:
+        """One request; counted in federator_operator_api_requests_total by `verb` (default: the method's)."""
         headers = {"Accept": "application/json"}
         auth = self.connection.authorization()
         if auth:
@@ -268,18 +274,23 @@ class Kube:
             headers["Content-Type"] = content_type
             data = json.dumps(body)
         self.requests[method] = self.requests.get(method, 0) + 1
-        async with self.session.request(
-            method, self.connection.server + path, data=data, headers=headers, params=params
-        ) as resp:
-            text = await resp.text()
-            if resp.status >= 400:
-                try:
-                    status = json.loads(text)
-                    reason, message = str(status.get("reason", "")), str(status.get("message", text))
-                except ValueError:
-                    reason, message = resp.reason or "", text[:500]
-                raise ApiError(resp.status, reason, message)
-            return json.loads(text) if text else None
+        answered: int | None = None
+        try:
+            async with self.session.request(
+                method, self.connection.server + path, data=data, headers=headers, params=params
+            ) as resp:
+                answered = resp.status
+                text = await resp.text()
+        finally:
+            API_REQUESTS.labels(verb or VERBS.get(method, method.lower()), api_outcome(answered)).inc()
+        if resp.status >= 400:
+            try:
+                status = json.loads(text)
+                reason, message = str(status.get("reason", "")), str(status.get("message", text))
+            except ValueError:
+                reason, message = resp.reason or "", text[:500]
+            raise ApiError(resp.status, reason, message)
+        return json.loads(text) if text else None
 
     def remember(self, manifest: Mapping[str, Any]) -> None:
         """Record that this process left an object as `manifest` says (after a write, or finding it so)."""
@@ -306,7 +317,7 @@ class Kube:
     ) -> list[dict[str, Any]]:
         params = {"labelSelector": label_selector} if label_selector else None
         result = await self.request(
-            "GET", path_of(api_version, plural_of(api_version, kind), namespace), params=params)
+            "GET", path_of(api_version, plural_of(api_version, kind), namespace), params=params, verb="list")
         items: list[dict[str, Any]] = (result or {}).get("items") or []
         return items
 

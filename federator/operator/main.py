@@ -1,4 +1,5 @@
-"""`federator operator`: run the kopf operator (all namespaces or a list, liveness endpoint, peering)."""
+"""`federator operator`: run the kopf operator (all namespaces or a list, liveness and metrics endpoints,
+peering)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 import kopf
 
 import federator.operator.handlers  # noqa: F401  (registers the handlers with kopf's default registry)
+from federator.operator import metrics
 from federator.operator.reconcile import OperatorConfig
 
 
@@ -47,6 +49,7 @@ def main(args: argparse.Namespace) -> int:
     options = operator_options(args.namespace, args.peering, args.priority)
     if not options["standalone"]:
         logging.getLogger(__name__).info("peering %r with priority %d", args.peering, options["priority"])
+    metrics.serve(args.metrics_port)
     try:
         kopf.run(liveness_endpoint=args.liveness or None, memo=kopf.Memo(config=OperatorConfig.from_env()),
                  **options)

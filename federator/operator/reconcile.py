@@ -2,7 +2,8 @@
 (status.py). `handlers.py` only registers these with kopf.
 
 Errors follow kopf's contract: an invalid spec is `kopf.PermanentError` (after a condition and a Warning
-event, before any child exists); something not ready yet is `kopf.TemporaryError(delay=...)`.
+event, before any child exists); something not ready yet is `kopf.TemporaryError(delay=...)`. The
+permanent ones are the subclasses of metrics.py, so that a reconcile pass is counted by its outcome.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from federator.operator.kube import (
     left_as_written,
     object_key,
 )
+from federator.operator.metrics import PHASES, InvalidSpecError, RefusedChangeError
 
 FILE_DATASETS = ("npz", "csv", "imagefolder")
 
@@ -145,6 +147,8 @@ async def write_status(
         return None
     await kube.merge_patch(API_VERSION, kind, ns, name, {"status": dumped}, subresource="status")
     memo["last_status"] = {**old, **dumped}
+    if kind == "Federation":
+        PHASES.set(str((body.get("metadata") or {}).get("uid")), memo["last_status"].get("phase"))
     return old, dumped
 
 
@@ -324,7 +328,7 @@ async def refuse(
     if await write_status(kube, memo, body, new, kind="Federation") is not None:
         kopf.warn(body, reason=status.IMMUTABLE_FIELD, message=refusal.message)
     if not resync:
-        raise kopf.PermanentError(f"refused: {refusal.message}")
+        raise RefusedChangeError(f"refused: {refusal.message}")
 
 
 def _being_deleted(body: Mapping[str, Any]) -> bool:
@@ -334,27 +338,29 @@ def _being_deleted(body: Mapping[str, Any]) -> bool:
 async def reconcile_federation(
     *, kube: Kube, config: OperatorConfig, body: kopf.Body, memo: Any, logger: logging.Logger | Any,
     resync: bool = False,
-) -> None:
+) -> bool:
     """Make every child of a Federation match its spec (level-triggered: safe to run any time).
 
     `resync`: a pass of the resync daemon (periodic, or woken by a changed child). It re-asks which APIs
     the cluster serves, and leaves an invalid spec to the change handlers, which report it.
+    Returns whether it refused a change (an immutable field), which a resync reports without raising.
     """
     name, ns, uid, generation = _identity(body)
     if resync and _being_deleted(body):
-        return
+        return False
     async with _status_lock(memo):
         try:
             fed = parse_federation(body)
         except InvalidSpec as exc:
             if resync:
-                return
+                return False
             message = str(exc)
             new = status.federation_invalid(
                 _current_status(memo, body), message, generation=generation, now=utcnow())
             await write_status(kube, memo, body, new, kind="Federation")
+            PHASES.set(uid, _current_status(memo, body).get("phase"))
             kopf.warn(body, reason=status.INVALID_SPEC, message=message)
-            raise kopf.PermanentError(f"invalid spec: {message}") from None
+            raise InvalidSpecError(f"invalid spec: {message}") from None
 
         silos = await _bound_clients(kube, ns, name)
         finished = is_finished(_current_status(memo, body))
@@ -365,7 +371,7 @@ async def reconcile_federation(
             refusal = await find_refusal(kube, fed, desired)
             if refusal is not None:  # nothing of this spec is applied: the run goes on as it was
                 await refuse(kube, memo, body, refusal, generation=generation, resync=resync)
-                return
+                return True
             outcomes = [await kube.apply(manifest) for manifest in desired.apply]
             for client, client_uid in silos:
                 owner = children.client_owner(client, client_uid)
@@ -382,7 +388,7 @@ async def reconcile_federation(
         except ImmutableFieldError as exc:  # a 422 that find_refusal did not foresee
             rejected = immutable.refuse_api_rejection(fed, exc.kind, exc.name, exc.reason)
             await refuse(kube, memo, body, rejected, generation=generation, resync=resync)
-            return
+            return True
 
         changed = sum(o != "unchanged" for o in outcomes) + int(floored)
         if changed or pruned:
@@ -392,6 +398,8 @@ async def reconcile_federation(
         new = status.federation_deployed(
             _current_status(memo, body), generation=generation, rounds=fed.spec.rounds, now=utcnow())
         await write_status(kube, memo, body, new, kind="Federation")
+        PHASES.set(uid, _current_status(memo, body).get("phase"))
+        return False
 
 
 async def _fetch(session: aiohttp.ClientSession, url: str, timeout: float) -> Any:
@@ -478,7 +486,7 @@ async def reconcile_client(
                                                 now=utcnow())
             await write_status(kube, memo, body, new_invalid, kind="FederatedClient")
             kopf.warn(body, reason=status.INVALID_SPEC, message=message)
-            raise kopf.PermanentError(f"invalid spec: {message}") from None
+            raise InvalidSpecError(f"invalid spec: {message}") from None
 
         fed_name = client.spec.federationRef.name
         fed_body = await kube.get(API_VERSION, "Federation", ns, fed_name)

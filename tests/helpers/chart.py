@@ -17,6 +17,7 @@ ALL_ON: dict[str, Any] = {
     "monitoring": {
         "serviceMonitor": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}},
         "podMonitor": {"enabled": True},
+        "operatorMonitor": {"enabled": True},
         "prometheusRule": {"enabled": True},
         "grafanaDashboards": {"enabled": True, "annotations": {"grafana_folder": "Federator"}},
         "prometheusAdapter": {"enabled": True},

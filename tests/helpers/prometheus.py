@@ -85,13 +85,14 @@ class Prometheus:
 
 @contextmanager
 def run_prometheus(workdir: Path, targets: list[dict[str, Any]], rule_files: Sequence[Path] = (),
-                   interval: str = "1s") -> Iterator[Prometheus]:
-    """Prometheus scraping `targets` (static_configs entries) every `interval`, while inside."""
+                   interval: str = "1s", jobs: Sequence[dict[str, Any]] = ()) -> Iterator[Prometheus]:
+    """Prometheus scraping `targets` (static_configs entries) every `interval`, while inside; `jobs` are
+    more scrape configs (the operator's own job)."""
     workdir.mkdir(parents=True, exist_ok=True)
     config = {
         "global": {"scrape_interval": interval, "evaluation_interval": interval},
         "rule_files": [str(p) for p in rule_files],
-        "scrape_configs": [{"job_name": "federator", "static_configs": targets}],
+        "scrape_configs": [{"job_name": "federator", "static_configs": targets}, *jobs],
     }
     (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
     port = free_port()

@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from federator import tokens
+from federator.operator import metrics
 from tests.helpers.kubeschema import validate_upstream
 from tests.integration.conftest import (
     ApiServer,
@@ -248,6 +249,11 @@ async def test_toggles_add_and_prune_optional_children(
 # --------------------------------------------------------------------------------- the checkpoint
 
 
+def reconciles(kind: str, outcome: str) -> float:
+    """federator_operator_reconcile_total{kind, outcome} of this process (the operator runs in it)."""
+    return float(metrics.RECONCILES.labels(kind, outcome)._value.get())
+
+
 def deletes_by_the_operator(api: ApiServer, *plurals: str) -> list[str]:
     """DELETE requests of these kinds that the operator sent (it authenticates; the tests do not)."""
     return [str(r.url.path) for r in api if r.method == "DELETE" and r.resource is not None
@@ -263,6 +269,7 @@ async def test_a_checkpoint_change_that_cannot_apply_in_place_is_refused_and_not
 ) -> None:
     status_servers.set("demo", server_report("demo", round=3))
     sts_url = f"/apis/apps/v1/namespaces/{NS}/statefulsets/demo-server"
+    refused_before = reconciles("Federation", "immutable_field")
     async with run_operator(resync_interval=3600.0):
         await create(kube_api, FEDS_URL, federation())
         sts = await eventually(lambda: live(kube_api, "apps/v1/statefulsets", "demo-server"))
@@ -281,6 +288,7 @@ async def test_a_checkpoint_change_that_cannot_apply_in_place_is_refused_and_not
         [warning] = await eventually(lambda: [e for e in events(kube_api, "demo") if e["reason"] == "ImmutableField"],
                                      message="the Warning event (kopf posts events in the background)")
         assert warning["type"] == "Warning" and warning["message"] == ready["message"]
+        assert reconciles("Federation", "immutable_field") > refused_before  # the pass counted as refused
         await settle(kube_api)
         kept = must(kube_api, "apps/v1/statefulsets", "demo-server")
         assert (kept["metadata"]["uid"], claim_size(kept)) == (sts["metadata"]["uid"], "1Gi")
@@ -621,10 +629,13 @@ async def test_a_resync_creates_the_service_monitor_once_its_api_appears(
 async def test_a_federated_client_waits_joins_scales_and_is_revoked(
     kube_api: ApiServer, run_operator: OperatorRunner, status_servers: FakeServers
 ) -> None:
+    waited_before = reconciles("FederatedClient", "temporary_error")
     async with run_operator():
         await create(kube_api, FEDCS_URL, federated_client())
         await eventually(lambda: condition(live(kube_api, FEDCS, "hospital-a"), "Ready").get("reason")
                          == "FederationNotFound")
+        await eventually(lambda: reconciles("FederatedClient", "temporary_error") > waited_before,
+                         message="the waiting pass counted as a temporary error")
         assert "'demo' not found" in condition(live(kube_api, FEDCS, "hospital-a"), "Ready")["message"]
         assert live(kube_api, "apps/v1/deployments", "hospital-a-silo") is None
 
@@ -738,6 +749,7 @@ async def test_the_federator_operator_command_runs_the_operator(kube_api: ApiSer
     await create(kube_api, FEDS_URL, federation())
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "federator", "operator", "--all-namespaces", "--liveness", f"http://127.0.0.1:{port}/healthz",
+        "--metrics-port", "-1",  # tests/integration/test_operator_metrics.py scrapes it
         env={**os.environ, "FEDERATOR_STATUS_INTERVAL": "0.2"},
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
     try:

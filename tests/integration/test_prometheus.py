@@ -1,6 +1,7 @@
 """A real Prometheus server scrapes a running federation (`federator server` and its workers, as
-`federator run` starts them): every query of the chart's dashboards, alerts and adapter rule runs on the
-live metric names and returns data; the alerts pass `promtool check rules` and `promtool test rules`.
+`federator run` starts them) and `federator operator` against kmock: every query of the chart's
+dashboards, alerts and adapter rule runs on the live metric names and returns data; the alerts pass
+`promtool check rules` and `promtool test rules`.
 
 Debian's `prometheus` package must be installed (.ci/run does it); without it these tests fail, with
 the command that installs it.
@@ -23,6 +24,7 @@ from federator.api.manifest import load_federation
 from federator.local import LocalRun
 from tests.helpers.chart import CHART, one, render
 from tests.helpers.manifests import manifest, write_manifest
+from tests.helpers.operator_process import INVALID_SPEC, federation, operator_process
 from tests.helpers.prometheus import (
     Prometheus,
     adapter_query,
@@ -44,6 +46,7 @@ SCRAPE_INTERVAL = "250ms"  # workers live for only the seconds they train: rate(
 FEDERATION, NAMESPACE = "demo", "default"
 # Metrics the rules read from elsewhere (not the runtime), each with where it comes from.
 EXTERNAL = {"kube_deployment_status_replicas_available": "kube-state-metrics (FederatorOperatorDown)"}
+OPERATOR_MONITOR = {"monitoring": {"prometheusRule": {"enabled": True}, "operatorMonitor": {"enabled": True}}}
 DASHBOARDS = sorted((CHART / "dashboards").glob("*.json"))
 
 
@@ -54,14 +57,22 @@ class Scrape:
     window: str  # a rate window that spans the whole federation
 
 
-def rules_doc() -> dict[str, Any]:
+def rules_doc(values: dict[str, Any] | None = None) -> dict[str, Any]:
     """The PrometheusRule's groups as a Prometheus rule file (what the Prometheus Operator loads)."""
-    rule = one(render({"monitoring": {"prometheusRule": {"enabled": True}}}), "PrometheusRule")
+    rule = one(render(values or {"monitoring": {"prometheusRule": {"enabled": True}}}), "PrometheusRule")
     return {"groups": rule["spec"]["groups"]}
 
 
-def alerts() -> list[dict[str, Any]]:
-    return [r for group in rules_doc()["groups"] for r in group["rules"] if "alert" in r]
+def alerts(values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    return [r for group in rules_doc(values)["groups"] for r in group["rules"] if "alert" in r]
+
+
+def operator_job() -> dict[str, Any]:
+    """The scrape config the chart's operator PodMonitor amounts to: its job label, the release namespace."""
+    monitor = one(render(OPERATOR_MONITOR), "PodMonitor")
+    [relabel] = monitor["spec"]["podMetricsEndpoints"][0]["relabelings"]
+    assert relabel["targetLabel"] == "job"
+    return {"job_name": relabel["replacement"], "namespace": monitor["metadata"]["namespace"]}
 
 
 @pytest.fixture(scope="module")
@@ -81,12 +92,22 @@ def scrape(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scrape]:
     (out / "state").mkdir(parents=True)
     run = LocalRun(manifest=path, fed=load_federation(path), out=out, workers=2, linger_seconds=-1)
     worker_ports = [free_port(), free_port()]
+    job = operator_job()
     started = time.time()
     try:
         run.start_server()
         targets = federation_targets(run, worker_ports, FEDERATION, NAMESPACE)
-        with run_prometheus(tmp / "prom", targets, interval=SCRAPE_INTERVAL) as prom:
+        with operator_process(tmp / "operator") as op, run_prometheus(
+                tmp / "prom", targets, interval=SCRAPE_INTERVAL, jobs=[{
+                    "job_name": job["job_name"], "static_configs": [{
+                        "targets": [op.metrics_url.split("/")[2]], "labels": {"namespace": job["namespace"]}}]}],
+        ) as prom:
+            # the operator reconciles one Federation and refuses an invalid one while Prometheus watches
+            op.create(federation(FEDERATION))
+            op.create(federation("broken", **INVALID_SPEC))
             prom.wait(lambda: prom.targets_up(f"127.0.0.1:{run.http_port}"), 120, "the server's /metrics scraped")
+            prom.wait(lambda: prom.query('federator_operator_reconcile_total{outcome="invalid_spec"}'), 120,
+                      "the operator's reconciles scraped")
             start_scraped_workers(run, worker_ports)
             prom.wait(lambda: (run.status() or {}).get("phase") == "Succeeded", 300, "the federation to finish")
             prom.wait(lambda: [s for s in prom.query("federator_rounds_total") if float(s["value"][1]) == ROUNDS],
@@ -142,6 +163,23 @@ def test_every_alert_reads_live_metrics_and_is_valid_promql(scrape: Scrape) -> N
             assert scrape.prom.query(name, at=scrape.at), f"{alert['alert']}: no series {name}"
 
 
+def test_the_operator_down_alert_reads_the_operator_scrape_when_its_monitor_is_on(scrape: Scrape) -> None:
+    [down] = [a for a in alerts(OPERATOR_MONITOR) if a["alert"] == "FederatorOperatorDown"]
+    assert metric_names(down["expr"]) == {"up"}
+    job = operator_job()
+    [target] = scrape.prom.query(f'up{{job="{job["job_name"]}", namespace="{job["namespace"]}"}}', at=scrape.at)
+    assert float(target["value"][1]) == 1.0  # the alert's selector matches the scraped operator
+    assert scrape.prom.query(down["expr"], at=scrape.at) == []  # and it is up: nothing fires
+
+
+def test_the_operator_panels_show_its_reconciles(scrape: Scrape) -> None:
+    outcomes = {s["metric"]["outcome"]: float(s["value"][1]) for s in scrape.prom.query(
+        'sum by (outcome) (federator_operator_reconcile_total{kind="Federation"})', at=scrape.at)}
+    assert outcomes["ok"] >= 1 and outcomes["invalid_spec"] == 1, outcomes
+    [managed] = scrape.prom.query("sum(federator_operator_federations)", at=scrape.at)
+    assert float(managed["value"][1]) == 2  # demo and broken
+
+
 def test_a_healthy_federation_fires_no_alert(scrape: Scrape) -> None:
     for alert in alerts():
         if set(metric_names(alert["expr"])) & set(EXTERNAL):
@@ -169,25 +207,32 @@ def test_the_keda_trigger_query_returns_pending_tasks(scrape: Scrape) -> None:
 # ------------------------------------------------------------------------------------------ promtool
 
 
-def write_rules(tmp_path: Path) -> Path:
+def write_rules(tmp_path: Path, values: dict[str, Any] | None = None) -> Path:
     path = tmp_path / "federator-rules.yaml"
-    path.write_text(yaml.safe_dump(rules_doc(), sort_keys=False))
+    path.write_text(yaml.safe_dump(rules_doc(values), sort_keys=False))
     return path
 
 
-def test_promtool_checks_the_rules(tmp_path: Path) -> None:
-    result = subprocess.run([binary("promtool"), "check", "rules", str(write_rules(tmp_path))],
+RULE_SETS = {"defaults": (None, "alerts.promtool.yaml"),
+             "operator-monitor": (OPERATOR_MONITOR, "alerts-operator-monitor.promtool.yaml")}
+
+
+@pytest.mark.parametrize("values", [v for v, _ in RULE_SETS.values()], ids=RULE_SETS.keys())
+def test_promtool_checks_the_rules(tmp_path: Path, values: dict[str, Any] | None) -> None:
+    result = subprocess.run([binary("promtool"), "check", "rules", str(write_rules(tmp_path, values))],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert f"{len(alerts())} rules found" in result.stdout
+    assert f"{len(alerts(values))} rules found" in result.stdout
 
 
-def test_promtool_unit_tests_cover_each_alert(tmp_path: Path) -> None:
-    tests = yaml.safe_load((HERE / "alerts.promtool.yaml").read_text())
+@pytest.mark.parametrize(("values", "file"), RULE_SETS.values(), ids=RULE_SETS.keys())
+def test_promtool_unit_tests_cover_each_alert(tmp_path: Path, values: dict[str, Any] | None, file: str) -> None:
+    tests = yaml.safe_load((HERE / file).read_text())
     tested = {case["alertname"] for test in tests["tests"] for case in test["alert_rule_test"]
               if case.get("exp_alerts")}
-    assert tested == {a["alert"] for a in alerts()}, "every alert needs a test in which it fires"
-    tests["rule_files"] = [str(write_rules(tmp_path))]
+    expected = {a["alert"] for a in alerts(values)} if values is None else {"FederatorOperatorDown"}
+    assert tested == expected, "every alert needs a test in which it fires"
+    tests["rule_files"] = [str(write_rules(tmp_path, values))]
     (tmp_path / "alerts.test.yaml").write_text(yaml.safe_dump(tests, sort_keys=False))
     result = subprocess.run([binary("promtool"), "test", "rules", str(tmp_path / "alerts.test.yaml")],
                             capture_output=True, text=True, timeout=120)

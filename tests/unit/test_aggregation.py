@@ -116,6 +116,27 @@ def test_accumulator_equals_weighted_average_exactly() -> None:
     _assert_same(acc.result(), weighted_average([*ups, ups[0]], [*weights, 1.0]))
 
 
+def test_accumulator_blocks_give_the_whole_tensor_arithmetic_bit_for_bit() -> None:
+    """The float32 path folds in blocks; every element (the last partial block, a non-contiguous view, a
+    float64 input) must come out as float64(t) * w summed with torch's whole-tensor ops."""
+    from federator.runtime.aggregation.fedavg import _BLOCK
+
+    g = torch.Generator().manual_seed(11)
+    n = 2 * _BLOCK + 12345
+    ups = [{"w": torch.randn(n, generator=g), "m": torch.randn(40, 30, generator=g).t(),
+            "d": torch.randn(7, dtype=torch.float64, generator=g)} for _ in range(3)]
+    weights = [3.0, 0.1, 17.25]
+    acc = FedAvgAccumulator()
+    for u, w in zip(ups, weights, strict=True):
+        acc.add(u, w)
+    for k in ups[0]:
+        want = ups[0][k].to(torch.float64) * weights[0]
+        for u, w in zip(ups[1:], weights[1:], strict=True):
+            want = want.add(u[k].to(torch.float64), alpha=w)
+        assert torch.equal(acc._sums[k], want), k
+        assert torch.equal(acc.result()[k], (want / sum(weights)).to(ups[0][k].dtype)), k
+
+
 def test_accumulator_reset_reuses_buffers_and_forgets_the_previous_mean() -> None:
     first, second = _updates(3, seed=5), _updates(4, seed=6)
     acc = FedAvgAccumulator()

@@ -25,6 +25,7 @@ SETUPS = {"defaults": {}, "all-on": ALL_ON, "namespaced": {"watchNamespaces": ["
 OPTIONAL = {  # one value turns on each optional part, and nothing else
     "monitoring.serviceMonitor.enabled": {("ServiceMonitor", "federator-servers")},
     "monitoring.podMonitor.enabled": {("PodMonitor", "federator-clients")},
+    "monitoring.operatorMonitor.enabled": {("PodMonitor", "federator-operator")},
     "monitoring.prometheusRule.enabled": {("PrometheusRule", "federator")},
     "monitoring.prometheusAdapter.enabled": {("ConfigMap", "federator-adapter-rules")},
     "monitoring.grafanaDashboards.enabled": {("ConfigMap", f"federator-dashboard-{n}")
@@ -89,7 +90,7 @@ def test_the_operator_pod_is_restricted_and_probed_on_kopfs_liveness() -> None:
     [container] = pod["containers"]
     assert container["image"] == "ghcr.io/federator/operator:0.1.0"  # the chart's appVersion, what `make images` tags
     assert container["command"] == ["federator", "operator"]
-    assert container["args"] == ["--all-namespaces", "--liveness=http://0.0.0.0:8081/healthz"]
+    assert container["args"] == ["--all-namespaces", "--liveness=http://0.0.0.0:8081/healthz", "--metrics-port=8080"]
     probe = container["livenessProbe"]["httpGet"]
     port = {p["name"]: p["containerPort"] for p in container["ports"]}[probe["port"]]
     assert (probe["path"], port) == ("/healthz", 8081)
@@ -104,8 +105,11 @@ def test_watch_namespaces_scope_the_operator_and_the_monitors() -> None:
     container = one(objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]
     assert container["args"][:2] == ["--namespace=default", "--namespace=team-b"]
     assert "--all-namespaces" not in container["args"]
-    for monitor in (one(objects, "ServiceMonitor"), one(objects, "PodMonitor")):
-        assert monitor["spec"]["namespaceSelector"] == {"matchNames": ["default", "team-b"]}
+    monitors = {m["metadata"]["name"]: m for m in by_kind(objects, "ServiceMonitor") + by_kind(objects, "PodMonitor")}
+    for name in ("federator-servers", "federator-clients"):
+        assert monitors[name]["spec"]["namespaceSelector"] == {"matchNames": ["default", "team-b"]}
+    # the operator's own metrics are where the operator runs, whatever it watches
+    assert monitors["federator-operator"]["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
     subjects = {(s["name"], s["namespace"]) for b in by_kind(objects, "RoleBinding") for s in b["subjects"]}
     assert subjects == {("federator", NAMESPACE)}
 
@@ -140,6 +144,8 @@ BAD_VALUES = [
     ({"watchNamespaces": ["Team_B"]}, "/watchNamespaces/0"),
     ({"operator": {"statusInterval": "fast"}}, "/operator/statusInterval"),
     ({"operator": {"livenessPort": 70000}}, "/operator/livenessPort"),
+    ({"operator": {"metricsPort": "http"}}, "/operator/metricsPort"),
+    ({"monitoring": {"operatorMonitor": {"enabled": "yes"}}}, "/monitoring/operatorMonitor/enabled"),
     ({"monitoring": {"serviceMonitr": {"enabled": True}}}, "serviceMonitr"),
     ({"monitoring": {"prometheusRule": {"stalledFor": "15 minutes"}}}, "/monitoring/prometheusRule/stalledFor"),
     ({"keda": {"enabled": True, "federations": [{"name": "demo"}]}}, "/keda/federations/0"),
@@ -233,3 +239,28 @@ def test_the_pod_monitor_labels_client_metrics_with_their_federation() -> None:
     # client metrics have no federation label; the dashboards select by it
     assert {"sourceLabels": ["__meta_kubernetes_pod_label_federator_dev_federation"],
             "targetLabel": "federation"} in endpoint["relabelings"]
+
+
+def test_the_operator_monitor_scrapes_the_operators_metrics_port_under_one_job() -> None:
+    values = {"operator": {"metricsPort": 9100}, "monitoring": {"operatorMonitor": {"enabled": True}}}
+    objects = render(values)
+    deployment = one(objects, "Deployment")
+    monitor = one(objects, "PodMonitor")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert "--metrics-port=9100" in container["args"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    [endpoint] = monitor["spec"]["podMetricsEndpoints"]
+    assert (endpoint["path"], ports[endpoint["port"]]) == ("/metrics", 9100)
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    assert endpoint["relabelings"] == [{"targetLabel": "job", "replacement": "federator-operator"}]
+
+
+@pytest.mark.parametrize(("on", "reads"), [(False, "kube_deployment_status_replicas_available{"),
+                                           (True, 'up{job="federator-operator", namespace="federator-system"}')],
+                         ids=["kube-state-metrics", "operator-monitor"])
+def test_the_operator_down_alert_reads_the_operator_monitor_when_it_is_on(on: bool, reads: str) -> None:
+    values = {"monitoring": {"prometheusRule": {"enabled": True}, "operatorMonitor": {"enabled": on}}}
+    rules = [r for g in one(render(values), "PrometheusRule")["spec"]["groups"] for r in g["rules"]]
+    [down] = [r for r in rules if r.get("alert") == "FederatorOperatorDown"]
+    assert reads in down["expr"]

@@ -102,3 +102,8 @@ app.kubernetes.io/managed-by: federator
   resources: [customresourcedefinitions]
   verbs: [list, watch]
 {{- end -}}
+
+{{/* The job label of the operator's own metrics (its PodMonitor sets it; FederatorOperatorDown reads it). */}}
+{{- define "federator.operatorJob" -}}
+{{ include "federator.fullname" . }}-operator
+{{- end }}

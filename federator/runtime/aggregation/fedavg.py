@@ -36,6 +36,9 @@ def check_same_layout(
             )
 
 
+_BLOCK = 1 << 17  # elements: 1 MiB of float64 per block, small enough to stay in L2 between its two ops
+
+
 class FedAvgAccumulator:
     """Streaming weighted mean: O(model) memory however many updates are added.
 
@@ -71,12 +74,11 @@ class FedAvgAccumulator:
             self._first = {k: t.detach().clone() for k, t in params.items() if not _is_float(t)}
             self._layout = layout
             for k, acc in self._sums.items():  # the first update initialises the sums: no zeroing pass
-                acc.copy_(params[k].detach())
-                acc.mul_(w)
+                self._fold(acc, params[k].detach(), w, first=True)
         else:
             self._check(params)
             for k, acc in self._sums.items():
-                acc.add_(self._widened(params[k].detach(), acc), alpha=w)
+                self._fold(acc, params[k].detach(), w, first=False)
         self._count += 1
         self._total += w
 
@@ -87,16 +89,35 @@ class FedAvgAccumulator:
         self._total = 0.0
         self._first = {}
 
-    def _widened(self, t: torch.Tensor, acc: torch.Tensor) -> torch.Tensor:
-        """`t` in the accumulator's dtype, through one reused buffer: torch's own conversion allocates
-        and is about twice as slow on one thread (this runs once per update on the server)."""
-        if t.dtype == acc.dtype or acc.dtype != torch.float64 or t.device.type != "cpu":
-            return t.to(acc.dtype)
-        if self._scratch.numel() < t.numel():
-            self._scratch = torch.empty(t.numel(), dtype=torch.float64)
-        out = self._scratch[: t.numel()].view(t.shape)
-        out.copy_(t)
-        return out
+    def _fold(self, acc: torch.Tensor, t: torch.Tensor, w: float, first: bool) -> None:
+        """``acc = w * t`` (first) or ``acc += w * t``, in the accumulator's dtype, in one pass over memory.
+
+        Torch widens a float32 operand of a float64 op into a fresh temporary (a second pass and page
+        faults), so a float32 tensor goes through in blocks of ``_BLOCK`` elements: each is widened into a
+        cache-resident scratch (or straight into ``acc``) and folded in while still in cache. The arithmetic
+        per element is the same as the whole-tensor ops (block bounds are a multiple of any vector width).
+        """
+        if t.dtype == acc.dtype or acc.dtype != torch.float64 or t.device.type != "cpu" or not t.is_contiguous():
+            if first:
+                acc.copy_(t)
+                acc.mul_(w)
+            else:
+                acc.add_(t if t.dtype == acc.dtype else t.to(acc.dtype), alpha=w)
+            return
+        a, x = acc.view(-1), t.view(-1)
+        n = x.numel()
+        if not first and self._scratch.numel() < min(n, _BLOCK):
+            self._scratch = torch.empty(_BLOCK, dtype=torch.float64)
+        for start in range(0, n, _BLOCK):
+            stop = min(n, start + _BLOCK)
+            dst = a[start:stop]
+            if first:
+                dst.copy_(x[start:stop])
+                dst.mul_(w)
+            else:
+                wide = self._scratch[: stop - start]
+                wide.copy_(x[start:stop])
+                dst.add_(wide, alpha=w)
 
     def _check(self, params: Mapping[str, torch.Tensor]) -> None:
         if params.keys() != self._layout.keys():
@@ -118,9 +139,27 @@ class FedAvgAccumulator:
         out: Params = {}
         for k, (_shape, dtype) in self._layout.items():
             if k in self._sums:
-                out[k] = (self._sums[k] / self._total).to(dtype)
+                out[k] = self._mean(self._sums[k], dtype)
             else:
                 out[k] = self._first[k].clone()
+        return out
+
+
+    def _mean(self, acc: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``(acc / total).to(dtype)`` without the float64 temporary of the whole tensor (a fresh 8 bytes per
+        parameter every round, page faults included): divided block by block through the scratch."""
+        if acc.dtype != torch.float64 or dtype == torch.float64 or acc.device.type != "cpu":
+            return (acc / self._total).to(dtype)
+        out = torch.empty(acc.shape, dtype=dtype)
+        a, o = acc.view(-1), out.view(-1)
+        n = a.numel()
+        if self._scratch.numel() < min(n, _BLOCK):
+            self._scratch = torch.empty(_BLOCK, dtype=torch.float64)
+        for start in range(0, n, _BLOCK):
+            stop = min(n, start + _BLOCK)
+            quotient = self._scratch[: stop - start]
+            torch.div(a[start:stop], self._total, out=quotient)
+            o[start:stop].copy_(quotient)
         return out
 
 
