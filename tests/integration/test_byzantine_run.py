@@ -22,6 +22,7 @@ from federator.api.models import FederationSpec
 from federator.local import LocalRun, write_results
 from federator.runtime.experiment import ExperimentResult, run_experiment
 from tests.helpers.manifests import manifest, write_manifest
+from tests.helpers.waiting import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -33,16 +34,6 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def wait_for(predicate: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def _get(url: str) -> Any:

@@ -22,6 +22,7 @@ from federator.api.manifest import load_federation
 from federator.local import LocalRun, write_results
 from federator.runtime.transport import RECONNECT_BACKOFF_MAX
 from tests.helpers.manifests import manifest, write_manifest
+from tests.helpers.waiting import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -30,16 +31,6 @@ pytestmark = pytest.mark.slow
 def federator(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "federator", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout)
-
-
-def wait_for(predicate: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def test_quickstart_reaches_093_and_leaves_results(tmp_path: Path) -> None:
