@@ -138,5 +138,5 @@ def test_a_data_error_before_forking_is_left_to_the_server(tmp_path: Path) -> No
     path = write_manifest(tmp_path / "fed.yaml", manifest(data={"dataset": "npz", "path": str(tmp_path / "gone.npz")}))
     fed = load_federation(path)
     LocalRun(manifest=path, fed=fed, out=tmp_path, workers=1, fork=True).preload()  # no raise here...
-    with pytest.raises(DataError, match="gone.npz"):  # ...the server meets it when it loads the data
+    with pytest.raises(DataError, match=r"gone\.npz"):  # ...the server meets it when it loads the data
         prepare_data(fed.spec)
