@@ -94,10 +94,10 @@ class ModelCalls:
 
 def receive_model(header: pb.TaskHeader, frames: Iterator[bytes]) -> Params:
     """Assemble and check the global model that follows a TRAIN header with weights_included."""
-    with BlobAssembler(header.tensors, header.total_bytes, layout_from_specs(header.tensors)) as asm:
-        for raw in frames:
-            asm.add(read_chunk(raw, pb.TaskMessage))
-        return asm.finish()
+    asm = BlobAssembler(header.tensors, header.total_bytes, layout_from_specs(header.tensors))
+    for raw in frames:
+        asm.add(read_chunk(raw, pb.TaskMessage))
+    return asm.finish()
 
 
 class Worker:

@@ -867,10 +867,10 @@ class FederationServer:
                            f"{self.layout.total_bytes}")
         else:
             layout = comp.payload_layout(h.total_bytes)
-        with BlobAssembler(h.tensors, h.total_bytes, layout, max_chunk_bytes=self.max_message) as asm:
-            for raw in messages:
-                asm.add(read_chunk(raw, pb.UpdateMessage))
-            params = asm.finish()
+        asm = BlobAssembler(h.tensors, h.total_bytes, layout, max_chunk_bytes=self.max_message)
+        for raw in messages:
+            asm.add(read_chunk(raw, pb.UpdateMessage))
+        params = asm.finish()
         if not h.compressed:
             return params
         return comp.decode_update(params[comp.COMPRESSED].numpy().data, base)

@@ -17,7 +17,6 @@ import crc32c
 import numpy as np
 import torch
 
-from federator.runtime.checkthread import CheckThread
 from federator.runtime.proto import federator_pb2 as pb
 
 Params = dict[str, torch.Tensor]
@@ -335,10 +334,6 @@ def check_layout(declared: Sequence[pb.TensorSpec], total_bytes: int, expected: 
         raise Rejected("malformed", f"declares {total_bytes} bytes, the model has {expected.total_bytes}")
 
 
-# models at least this large are checked on a second thread while the next chunks arrive (CheckThread)
-PIPELINE_MIN_BYTES = 2 * DEFAULT_CHUNK_BYTES
-
-
 class BlobAssembler:
     """Receives chunks in order into a preallocated buffer and turns them into validated tensors.
 
@@ -346,146 +341,70 @@ class BlobAssembler:
     tensor against the tensor's declared one (`checksum_mismatch`). The NaN/Inf scan (`non_finite`) runs
     over each chunk's whole elements right after its copy, while they are in cache, so no check needs a
     pass of its own over the model.
-
-    `add` does the checks that say where a chunk goes (size limit, offset, bounds, tensor boundary) at once;
-    the checks of its bytes and their copy into the buffer run in a `_Verifier`, on a `CheckThread` for
-    models of `PIPELINE_MIN_BYTES` or more (`pipelined`), so that they overlap the arrival of the next
-    chunks. Either way every check runs, in stream order, before `finish` returns anything, and a bad chunk
-    is rejected with the same reason and detail: the first failure in stream order, whichever thread found
-    it. A pipelined assembler raises a failure found on the thread at the next `add` or at `finish`; use it
-    as a context manager (or call `close`) so that its thread ends with the stream however that ends.
     """
 
     def __init__(self, declared: Sequence[pb.TensorSpec], total_bytes: int, expected: Layout,
-                 max_chunk_bytes: int | None = None, pipelined: bool | None = None) -> None:
+                 max_chunk_bytes: int | None = None) -> None:
         check_layout(declared, total_bytes, expected)
         self._max_chunk = max_chunk_bytes
         self._specs = list(declared)
         # not zeroed: every byte is written by a chunk before it is read (a zeroing pass costs a copy's time)
         self._buf = np.empty(total_bytes, dtype=np.uint8)
-        self._verifier = _Verifier(self._specs, self._buf)
+        self._view = self._buf.data
         self._next = 0
         self._tensor = 0  # index of the tensor the next chunk belongs to
-        if pipelined is None:
-            pipelined = total_bytes >= PIPELINE_MIN_BYTES
-        self._checks = CheckThread() if pipelined else None
-
-    def __enter__(self) -> BlobAssembler:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """End the check thread, if any (idempotent; `finish` and every rejection do it too)."""
-        if self._checks is not None:
-            self._checks.stop()
+        self._crc = 0  # running checksum of that tensor so far
+        self._scanned = 0  # bytes of that tensor already scanned for NaN/Inf (whole elements only)
 
     @property
     def received(self) -> int:
         return self._next
 
-    def _reject(self, reason: str, detail: str) -> Rejected:
-        """The rejection to raise: a failure the check thread found in an earlier chunk comes first."""
-        earlier = self._checks.stop() if self._checks is not None else None
-        if isinstance(earlier, Rejected):
-            return earlier
-        if earlier is not None:
-            raise earlier
-        return Rejected(reason, detail)
-
-    def _verify(self, fn: Any, *args: Any) -> None:
-        if self._checks is None:
-            fn(*args)
-            return
-        if self._checks.failed:
-            raise self._reject("aborted", "")  # always the thread's own failure
-        self._checks.submit(fn, *args)
-
     def _skip_empty(self) -> None:
         while self._tensor < len(self._specs) and self._specs[self._tensor].nbytes == 0:
-            self._verify(self._verifier.empty, self._tensor)  # empty tensors get no chunks
+            self._close(self._specs[self._tensor], 0)  # empty tensors get no chunks: checksum(b"") == 0
             self._tensor += 1
-
-    def add(self, chunk: pb.Chunk | ChunkView) -> None:
-        data = chunk.data  # a view for a ChunkView; every read of a pb.Chunk's bytes field copies it
-        size = len(data)
-        if self._max_chunk is not None and size > self._max_chunk:
-            raise self._reject("oversized", f"a {size}-byte message; the limit is {self._max_chunk}")
-        if chunk.offset != self._next:
-            raise self._reject("corrupt_chunk", f"chunk at offset {chunk.offset}, expected {self._next}")
-        if self._next + size > len(self._buf):
-            raise self._reject("oversized", f"chunk ends at byte {self._next + size} of {len(self._buf)}")
-        if size == 0:
-            raise self._reject("malformed", f"empty chunk at offset {chunk.offset}")
-        self._skip_empty()
-        spec = self._specs[self._tensor]  # exists: the bytes so far end before total_bytes
-        end = spec.offset + spec.nbytes
-        if self._next + size > end:
-            raise self._reject("malformed", f"chunk at offset {chunk.offset} runs past the end of {spec.name}")
-        self._verify(self._verifier.chunk, self._tensor, self._next, data, chunk.crc32)
-        self._next += size
-        if self._next == end:
-            self._tensor += 1
-
-    def finish(self) -> Params:
-        if self._next != len(self._buf):
-            raise self._reject("missing_chunks", f"received {self._next} of {len(self._buf)} bytes")
-        self._skip_empty()  # trailing empty tensors
-        if self._checks is not None:
-            failed = self._checks.stop()
-            if failed is not None:
-                raise failed
-        out: Params = {}
-        for spec in self._specs:
-            t = _tensor_from(self._buf, spec.offset, spec.nbytes, spec.dtype, tuple(spec.shape))
-            if t.dtype == torch.bfloat16 and not bool(torch.isfinite(t).all()):  # the rest: `_scan_finite`
-                raise Rejected("non_finite", f"{spec.name}: contains NaN or Inf")
-            out[spec.name] = t
-        self._buf = np.empty(0, dtype=np.uint8)  # the tensors own the bytes now; this assembler is done
-        self._verifier = _Verifier(self._specs, self._buf)
-        return out
-
-
-class _Verifier:
-    """The checks of a stream's bytes, called in stream order: each chunk's running CRC-32C, its copy into
-    the buffer, the NaN/Inf scan of its whole elements, and each tensor's CRC-32C at its last chunk."""
-
-    def __init__(self, specs: Sequence[pb.TensorSpec], buf: np.ndarray) -> None:
-        self._specs = specs
-        self._buf = buf
-        self._crc = 0  # running checksum of the current tensor so far
-        self._scanned = 0  # bytes of that tensor already scanned for NaN/Inf (whole elements only)
-
-    def empty(self, index: int) -> None:
-        self._close(self._specs[index], 0)  # checksum(b"") == 0
 
     @staticmethod
     def _close(spec: pb.TensorSpec, crc: int) -> None:
         if crc != spec.crc32:
             raise Rejected("checksum_mismatch", f"{spec.name}: crc32 differs from the declared one")
 
-    def chunk(self, index: int, pos: int, data: memoryview | bytes, crc32: int) -> None:
-        spec = self._specs[index]
+    def add(self, chunk: pb.Chunk | ChunkView) -> None:
+        data = chunk.data  # a view for a ChunkView; every read of a pb.Chunk's bytes field copies it
+        size = len(data)
+        if self._max_chunk is not None and size > self._max_chunk:
+            raise Rejected("oversized", f"a {size}-byte message; the limit is {self._max_chunk}")
+        if chunk.offset != self._next:
+            raise Rejected("corrupt_chunk", f"chunk at offset {chunk.offset}, expected {self._next}")
+        if self._next + size > len(self._buf):
+            raise Rejected("oversized", f"chunk ends at byte {self._next + size} of {len(self._buf)}")
+        if size == 0:
+            raise Rejected("malformed", f"empty chunk at offset {chunk.offset}")
+        self._skip_empty()
+        spec = self._specs[self._tensor]  # exists: the bytes so far end before total_bytes
+        end = spec.offset + spec.nbytes
+        if self._next + size > end:
+            raise Rejected("malformed", f"chunk at offset {chunk.offset} runs past the end of {spec.name}")
         crc = checksum(data, self._crc)
-        if crc != crc32:
-            raise Rejected("corrupt_chunk", f"chunk at offset {pos} fails its crc32")
-        end = pos + len(data)
-        # numpy's copy lets go of the GIL (a memoryview's slice assignment holds it)
-        np.copyto(self._buf[pos:end], np.frombuffer(data, dtype=np.uint8))
+        if crc != chunk.crc32:
+            raise Rejected("corrupt_chunk", f"chunk at offset {chunk.offset} fails its crc32")
+        self._view[self._next : self._next + size] = data
+        self._next += size
         self._crc = crc
-        self._scan_finite(spec, end)
-        if end == spec.offset + spec.nbytes:
+        self._scan_finite(spec)
+        if self._next == end:
             self._close(spec, crc)
+            self._tensor += 1
             self._crc = 0
             self._scanned = 0
 
-    def _scan_finite(self, spec: pb.TensorSpec, end: int) -> None:
+    def _scan_finite(self, spec: pb.TensorSpec) -> None:
         """Reject NaN/Inf among the tensor's whole elements received since the last scan."""
         dtype = _NUMPY_FLOAT.get(spec.dtype)
         if dtype is None:
             return  # not floating, or bfloat16 (no numpy type: `finish` checks it with torch)
-        received = end - spec.offset
+        received = self._next - spec.offset
         stop = received - received % dtype.itemsize
         if stop > self._scanned:
             values = np.frombuffer(self._buf, dtype=dtype, count=(stop - self._scanned) // dtype.itemsize,
@@ -493,6 +412,20 @@ class _Verifier:
             if not np.isfinite(values).all():
                 raise Rejected("non_finite", f"{spec.name}: contains NaN or Inf")
             self._scanned = stop
+
+    def finish(self) -> Params:
+        if self._next != len(self._buf):
+            raise Rejected("missing_chunks", f"received {self._next} of {len(self._buf)} bytes")
+        self._skip_empty()  # trailing empty tensors
+        out: Params = {}
+        for spec in self._specs:
+            t = _tensor_from(self._buf, spec.offset, spec.nbytes, spec.dtype, tuple(spec.shape))
+            if t.dtype == torch.bfloat16 and not bool(torch.isfinite(t).all()):  # the rest: `_scan_finite`
+                raise Rejected("non_finite", f"{spec.name}: contains NaN or Inf")
+            out[spec.name] = t
+        self._buf = np.empty(0, dtype=np.uint8)  # the tensors own the bytes now; this assembler is done
+        self._view = self._buf.data
+        return out
 
 
 # floating wire dtypes that numpy scans for NaN/Inf (several times faster than torch.isfinite on one thread)
@@ -518,10 +451,10 @@ def _tensor_from(buf: np.ndarray, offset: int, nbytes: int, dtype: str, shape: t
 def decode(declared: Sequence[pb.TensorSpec], total_bytes: int, chunks: Sequence[pb.Chunk],
            expected: Layout) -> Params:
     """Assemble and validate a complete set of chunks (used for downloads and in tests)."""
-    with BlobAssembler(declared, total_bytes, expected) as asm:
-        for c in chunks:
-            asm.add(c)
-        return asm.finish()
+    asm = BlobAssembler(declared, total_bytes, expected)
+    for c in chunks:
+        asm.add(c)
+    return asm.finish()
 
 
 def layout_from_specs(specs: Sequence[pb.TensorSpec]) -> Layout:
