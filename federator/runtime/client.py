@@ -269,7 +269,7 @@ class Worker:
         try:
             if held is None or held[0] != header.delta_base:
                 raise Rejected("stale_version", "a delta from a version this worker does not hold")
-            return comp.decode_update(received[comp.COMPRESSED].numpy().data, held[1])
+            return comp.decode_chain(received, held[1])  # the steps from the held version, oldest first
         except Rejected as exc:
             log.warning("global model delta unusable (%s); asking for the full model", exc)
             self._cached = None
