@@ -338,13 +338,24 @@ class Worker:
             yield pb.UpdateMessage(header=update_header)
             yield from enc.frames()
 
-        reply = self._calls.submit(messages(), timeout=600)
+        # written aside before the upload, made the client's residual by a rename once the server took the
+        # update (only what the server took moves it on), before the client's next task can be handed out
+        staged = self.residuals.stage(header.client_id, residual) if (
+            self.residuals is not None and residual is not None) else None
+        try:
+            reply = self._calls.submit(messages(), timeout=600)
+        except BaseException:
+            if staged is not None:
+                staged.discard()
+            raise
+        if staged is not None and reply.accepted:
+            staged.commit()
+        elif staged is not None:
+            staged.discard()
         self._task_id = ""
         outcome = "accepted" if reply.accepted else "rejected"
         self.metrics.tasks.labels(outcome=outcome).inc()
         self.tasks_done += 1
-        if reply.accepted and self.residuals is not None and residual is not None:
-            self.residuals.put(header.client_id, residual)  # only what the server took moves the residual on
         if not reply.accepted:
             log.warning("update for %s round %d not accepted: %s %s", header.client_id, header.round,
                         reply.reason, reply.detail)

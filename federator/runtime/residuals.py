@@ -9,8 +9,9 @@ continues it, and a server restart does not touch it. Without a folder residuals
 and a client whose residual is not found starts again from zero: error feedback restarts, nothing breaks.
 
 A write never leaves a torn file behind, whenever the writer is killed: the array goes to a temporary file of
-its own (a unique name, so two writers never share one), is flushed to the disk (fsync), and only then
-renamed over the old file (atomic on one filesystem, NFS included); the folder is synced after the rename.
+its own (a unique name, so two writers never share one), is flushed to the disk (fsync) before the update is
+submitted (`stage`), and only once the server accepted it renamed over the old file (`commit`: atomic on one
+filesystem, NFS included); the folder is synced after the rename.
 Temporaries that a killed writer left are removed by the next write of the same client once they are old.
 """
 
@@ -23,6 +24,7 @@ import os
 import re
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -61,9 +63,17 @@ class ResidualStore:
         return found
 
     def put(self, client_id: str, residual: np.ndarray) -> None:
+        self.stage(client_id, residual).commit()
+
+    def stage(self, client_id: str, residual: np.ndarray) -> Staged:
+        """Write the client's next residual aside (flushed to the disk) without making it the residual yet.
+
+        A worker stages before it submits the update and commits once the server accepted it: the commit is
+        a rename, done in microseconds, so the worker that trains the client's next task (the server hands it
+        out only after this round's aggregation, evaluation and checkpoint) reads the new residual, not the
+        one before. Writing the whole file after the reply would leave it a window of a full write."""
         if self.directory is None:
-            self._memory[client_id] = residual
-            return
+            return Staged(self, client_id, None, residual)
         path = self._path(client_id)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
@@ -71,13 +81,36 @@ class ResidualStore:
                 np.save(f, residual.astype(np.float32, copy=False), allow_pickle=False)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, path)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
+        return Staged(self, client_id, Path(tmp), None)
+
+
+@dataclass
+class Staged:
+    """A residual written aside: `commit` makes it the client's residual, `discard` drops it."""
+
+    store: ResidualStore
+    client_id: str
+    tmp: Path | None  # on disk
+    residual: np.ndarray | None  # in memory
+
+    def commit(self) -> None:
+        if self.tmp is None:
+            assert self.residual is not None
+            self.store._memory[self.client_id] = self.residual
+            return
+        path = self.store._path(self.client_id)
+        os.replace(self.tmp, path)
         _fsync_directory(path.parent)
         _sweep_stale(path)
+
+    def discard(self) -> None:
+        if self.tmp is not None:
+            with contextlib.suppress(OSError):
+                self.tmp.unlink()
 
 
 def _fsync_directory(directory: Path) -> None:

@@ -90,3 +90,17 @@ def test_temporaries_left_by_killed_writers_are_swept_once_old(tmp_path: Path) -
     assert other.exists()  # swept by its own client's next write
     _sweep_stale(store._path("sim-1"))
     assert not other.exists()
+
+
+def test_a_staged_residual_counts_only_once_committed(tmp_path: Path) -> None:
+    """A worker stages before it uploads; a rejected (or broken-off) upload's residual never becomes the client's."""
+    for directory in (tmp_path, None):
+        store = ResidualStore(directory, "fed")
+        store.put("sim-0", np.full(4, 1.0, dtype=np.float32))
+        staged = store.stage("sim-0", np.full(4, 2.0, dtype=np.float32))
+        np.testing.assert_array_equal(store.get("sim-0", 4), np.full(4, 1.0, dtype=np.float32))
+        staged.discard()
+        np.testing.assert_array_equal(store.get("sim-0", 4), np.full(4, 1.0, dtype=np.float32))
+        store.stage("sim-0", np.full(4, 3.0, dtype=np.float32)).commit()
+        np.testing.assert_array_equal(store.get("sim-0", 4), np.full(4, 3.0, dtype=np.float32))
+    assert [p.name for p in tmp_path.iterdir()] == ["fed--sim-0.npy"]  # no temporaries left
