@@ -390,6 +390,39 @@ class ByzantineSpec(Strict):
 CompressionBits = Literal[2, 4, 8, 32]
 
 
+DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+
+
+class ResidualVolumeSpec(Strict):
+    """Where client pods keep their error-feedback residuals in a cluster (one file per client).
+
+    Without a claim each pod gets an emptyDir: it survives a container restart, not the pod's replacement, and
+    a simulated client's residual carries over only when the same pod trains it again. A claim survives both;
+    for the worker pool it must be ReadWriteMany, since any worker may train any simulated client."""
+
+    persistentVolumeClaim: Annotated[
+        str | None,
+        Field(max_length=253, pattern=DNS_SUBDOMAIN_PATTERN,
+              description="An existing PersistentVolumeClaim in the namespace, mounted by every pod (the "
+                          "operator never creates or deletes it). Unset: an emptyDir per pod."),
+    ] = None
+    sizeLimit: Annotated[
+        str | None,
+        Field(pattern=QUANTITY_PATTERN, description="The emptyDir's sizeLimit (a pod that exceeds it is evicted): "
+                                                    "at least clients trained per pod x parameters x 4 bytes."),
+    ] = None
+
+    @model_validator(mode="after")
+    @cel("!has(self.persistentVolumeClaim) || !has(self.sizeLimit)",
+         "sizeLimit is the emptyDir's: with persistentVolumeClaim set the claim's own size applies; remove sizeLimit",
+         field_path=".sizeLimit")
+    def _size_limit_for_empty_dir(self) -> ResidualVolumeSpec:
+        if self.persistentVolumeClaim is not None and self.sizeLimit is not None:
+            raise ValueError("sizeLimit is the emptyDir's: with persistentVolumeClaim set the claim's own size "
+                             "applies; remove sizeLimit")
+        return self
+
+
 class UplinkCompressionSpec(Strict):
     """How a client's update (its model minus the global model it trained from) travels to the server."""
 
@@ -408,10 +441,25 @@ class UplinkCompressionSpec(Strict):
         Field(description="Add what compression left out to the client's next update (kept per client)."),
     ] = False
     chunk: Annotated[int, Field(ge=16, le=65536, description="Values that share one quantisation scale.")] = 256
+    residuals: Annotated[
+        ResidualVolumeSpec | None,
+        Field(description="In a cluster, the volume the worker pool keeps error-feedback residuals on (an "
+                          "emptyDir per pod unless a claim is named); needs errorFeedback."),
+    ] = None
 
     @property
     def enabled(self) -> bool:
         return self.topK < 1.0 or self.bits < 32
+
+    @model_validator(mode="after")
+    @cel("!has(self.residuals) || (has(self.errorFeedback) && self.errorFeedback)",
+         "residuals is where error feedback keeps what it left out: set errorFeedback: true, or remove residuals",
+         field_path=".residuals")
+    def _residuals_need_feedback(self) -> UplinkCompressionSpec:
+        if self.residuals is not None and not self.errorFeedback:
+            raise ValueError("residuals is where error feedback keeps what it left out: set errorFeedback: true, "
+                             "or remove residuals")
+        return self
 
     @model_validator(mode="after")
     @cel("!has(self.errorFeedback) || !self.errorFeedback || (has(self.topK) && self.topK < 1.0) || "
@@ -424,14 +472,22 @@ class UplinkCompressionSpec(Strict):
 
 
 class DownlinkCompressionSpec(Strict):
-    """How the global model travels to a worker that holds the previous version: as a quantised delta."""
+    """How the global model travels to a worker that holds a recent version: as quantised deltas."""
 
     bits: Annotated[
         CompressionBits,
         Field(description="Quantise the delta from the worker's version to 8, 4 or 2 bits; 32 sends the "
-                          "full model every round. New or lagging workers always get the full model."),
+                          "full model every round. New workers, and workers further behind than history, get "
+                          "the full model."),
     ] = 32
     chunk: Annotated[int, Field(ge=16, le=65536, description="Values that share one quantisation scale.")] = 256
+    history: Annotated[
+        int,
+        Field(ge=1, le=16, description="How many versions behind a worker may be and still get deltas: the "
+                                       "server keeps the last `history` steps (about history x parameters x "
+                                       "bits / 8 bytes) and sends a worker K behind those K steps, when they are "
+                                       "smaller than the full model."),
+    ] = 3
 
     @property
     def enabled(self) -> bool:
@@ -646,6 +702,12 @@ class FederatedClientSpec(Strict):
     ] = 1
     data: SiloDataSpec
     template: PodTemplate = PodTemplate()
+    residuals: Annotated[
+        ResidualVolumeSpec | None,
+        Field(description="The volume this silo's pods keep its error-feedback residual on while the "
+                          "Federation's uplink has errorFeedback (default an emptyDir per pod). The residual is "
+                          "derived from the silo's data: it never goes to the worker pool's claim."),
+    ] = None
 
 
 class FederatedClientStatus(BaseModel):

@@ -26,6 +26,7 @@ from federator.api.models import (
     FederatedClient,
     Federation,
     PodTemplate,
+    ResidualVolumeSpec,
 )
 from federator.operator import secrets
 
@@ -41,6 +42,8 @@ SECRET_DIR = f"{CONFIG_DIR}/secret"
 STATE_DIR = "/var/lib/federator"
 STATE_CLAIM = "state"  # the volume claim template of the server StatefulSet
 DATA_DIR = "/data"
+RESIDUAL_DIR = "/var/lib/federator/residuals"  # error-feedback residuals of the clients a pod trains
+RESIDUAL_VOLUME = "residuals"
 CLIENT_METRICS_PORT = 9090
 RUN_AS = 10001  # the runtime image's user (runtime/Dockerfile)
 
@@ -458,6 +461,43 @@ def _client_ports() -> list[dict[str, Any]]:
     return [{"name": "metrics", "containerPort": CLIENT_METRICS_PORT, "protocol": "TCP"}]
 
 
+@dataclass(frozen=True)
+class ResidualMount:
+    """What a client pod needs to keep error-feedback residuals on a volume: a volume, its mount, the env."""
+
+    volume: dict[str, Any]
+    mount: dict[str, Any]
+    env: dict[str, str]
+
+
+def residual_mount(spec: ResidualVolumeSpec | None, owner: Owner) -> ResidualMount:
+    """The residual volume of a client pod: the named claim, else an emptyDir (with its sizeLimit).
+
+    FEDERATOR_RESIDUAL_DIR is a folder per owner uid on it, so a Federation (or FederatedClient) deleted and
+    created again, whose run may start over, never picks up the residuals of the one before; claims may be
+    shared between Federations. Residual files are written atomically (runtime/residuals.py)."""
+    volume: dict[str, Any]
+    if spec is not None and spec.persistentVolumeClaim is not None:
+        volume = {"name": RESIDUAL_VOLUME, "persistentVolumeClaim": {"claimName": spec.persistentVolumeClaim}}
+    else:
+        empty = {"sizeLimit": spec.sizeLimit} if spec is not None and spec.sizeLimit is not None else {}
+        volume = {"name": RESIDUAL_VOLUME, "emptyDir": empty}
+    return ResidualMount(volume, {"name": RESIDUAL_VOLUME, "mountPath": RESIDUAL_DIR},
+                         {"FEDERATOR_RESIDUAL_DIR": posixpath.join(RESIDUAL_DIR, owner.uid)})
+
+
+def _with_residuals(container: dict[str, Any], volumes: list[dict[str, Any]], fed: Federation,
+                    spec: ResidualVolumeSpec | None, owner: Owner) -> None:
+    """Add the residual volume to a client pod when the uplink has error feedback (else nothing to keep)."""
+    if not fed.spec.compression.uplink.errorFeedback:
+        return
+    rm = residual_mount(spec, owner)
+    volumes.append(rm.volume)
+    container["volumeMounts"].append(rm.mount)
+    env = {e["name"]: e["value"] for e in container["env"]}
+    container["env"] = [{"name": k, "value": v} for k, v in sorted({**rm.env, **env}.items())]
+
+
 def clients_deployment(fed: Federation, owner: Owner, *, finished: bool = False) -> dict[str, Any]:
     """The worker pool that trains the simulated clients; with autoscaling the HPA owns `replicas`.
 
@@ -474,6 +514,8 @@ def clients_deployment(fed: Federation, owner: Owner, *, finished: bool = False)
         ],
         ports=_client_ports(),
     )
+    volumes = [_config_volume(name, [secrets.WORKER_TOKEN, secrets.CA_CERT]), {"name": "tmp", "emptyDir": {}}]
+    _with_residuals(container, volumes, fed, fed.spec.compression.uplink.residuals, owner)
     spec: dict[str, Any] = {
         "selector": {"matchLabels": selector_labels(name, "clients")},
         "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": "25%", "maxUnavailable": "25%"}},
@@ -482,10 +524,7 @@ def clients_deployment(fed: Federation, owner: Owner, *, finished: bool = False)
                 "labels": labels(name, "clients"),
                 "annotations": {CONFIG_HASH_ANNOTATION: config_hash(fed)},
             },
-            "spec": _pod_spec(
-                [container],
-                [_config_volume(name, [secrets.WORKER_TOKEN, secrets.CA_CERT]), {"name": "tmp", "emptyDir": {}}],
-            ),
+            "spec": _pod_spec([container], volumes),
         },
     }
     if finished:
@@ -636,6 +675,8 @@ def silo_deployment(client: FederatedClient, owner: Owner, fed: Federation) -> d
             "claimName": volume.persistentVolumeClaim, "readOnly": True}}
     else:
         data_volume = {"name": "data", "hostPath": {"path": str(volume.hostPath), "type": "Directory"}}
+    volumes = [_config_volume(fname, [token_key, secrets.CA_CERT]), data_volume, {"name": "tmp", "emptyDir": {}}]
+    _with_residuals(container, volumes, fed, client.spec.residuals, owner)
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -648,11 +689,7 @@ def silo_deployment(client: FederatedClient, owner: Owner, fed: Federation) -> d
                     "labels": labels(fname, "silo", cname),
                     "annotations": {CONFIG_HASH_ANNOTATION: config_hash(fed)},
                 },
-                "spec": _pod_spec(
-                    [container],
-                    [_config_volume(fname, [token_key, secrets.CA_CERT]), data_volume,
-                     {"name": "tmp", "emptyDir": {}}],
-                ),
+                "spec": _pod_spec([container], volumes),
             },
         },
     }

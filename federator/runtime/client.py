@@ -269,7 +269,7 @@ class Worker:
         try:
             if held is None or held[0] != header.delta_base:
                 raise Rejected("stale_version", "a delta from a version this worker does not hold")
-            return comp.decode_update(received[comp.COMPRESSED].numpy().data, held[1])
+            return comp.decode_chain(received, held[1])  # the steps from the held version, oldest first
         except Rejected as exc:
             log.warning("global model delta unusable (%s); asking for the full model", exc)
             self._cached = None
@@ -338,13 +338,24 @@ class Worker:
             yield pb.UpdateMessage(header=update_header)
             yield from enc.frames()
 
-        reply = self._calls.submit(messages(), timeout=600)
+        # written aside before the upload, made the client's residual by a rename once the server took the
+        # update (only what the server took moves it on), before the client's next task can be handed out
+        staged = self.residuals.stage(header.client_id, residual) if (
+            self.residuals is not None and residual is not None) else None
+        try:
+            reply = self._calls.submit(messages(), timeout=600)
+        except BaseException:
+            if staged is not None:
+                staged.discard()
+            raise
+        if staged is not None and reply.accepted:
+            staged.commit()
+        elif staged is not None:
+            staged.discard()
         self._task_id = ""
         outcome = "accepted" if reply.accepted else "rejected"
         self.metrics.tasks.labels(outcome=outcome).inc()
         self.tasks_done += 1
-        if reply.accepted and self.residuals is not None and residual is not None:
-            self.residuals.put(header.client_id, residual)  # only what the server took moves the residual on
         if not reply.accepted:
             log.warning("update for %s round %d not accepted: %s %s", header.client_id, header.round,
                         reply.reason, reply.detail)

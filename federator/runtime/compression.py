@@ -438,6 +438,36 @@ def decode_update(payload: bytes | memoryview, base: Mapping[str, torch.Tensor])
     return apply_delta(base, decompress(payload, float_count(base)), names)
 
 
+MAX_CHAIN = 16  # steps in one download at most (compression.downlink.history's bound)
+
+
+def chain_names(steps: int) -> list[str]:
+    """The tensor names of a download of `steps` downlink steps, oldest first: compressed, compressed.1, ..."""
+    return [COMPRESSED, *(f"{COMPRESSED}.{i}" for i in range(1, steps))]
+
+
+def chain_tensors(payloads: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Downlink step payloads (uint8 tensors, oldest first) as the state dict a download streams; the tensors
+    themselves, not copies (the transport cuts its chunks from their memory)."""
+    return dict(zip(chain_names(len(payloads)), payloads, strict=True))
+
+
+def decode_chain(received: Mapping[str, torch.Tensor], held: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The global model after applying a download's steps to `held`, oldest first, each checked and applied
+    exactly as the server applied it (`downlink_step`): the result is the server's copy bit for bit."""
+    names = list(received)
+    if not 1 <= len(names) <= MAX_CHAIN or names != chain_names(len(names)):
+        raise Rejected("malformed", f"a compressed download of tensors {names[:4]}; expected "
+                       f"{chain_names(min(max(len(names), 1), 3))}... (1 to {MAX_CHAIN} steps)")
+    out = dict(held)
+    for name in names:
+        t = received[name]
+        if t.dtype != torch.uint8 or t.dim() != 1:
+            raise Rejected("malformed", f"download step {name} is {t.dtype} of shape {tuple(t.shape)}")
+        out = decode_update(t.numpy().data, out)
+    return out
+
+
 @dataclass(frozen=True)
 class DownlinkStep:
     """One compressed step of the global model: the payload, and what a worker holds after applying it."""

@@ -50,7 +50,7 @@ from federator.runtime.checkpoint import CheckpointError, load_checkpoint, save_
 from federator.runtime.config import load_federation_config
 from federator.runtime.data import DataError, prepare_data
 from federator.runtime.diagnostics import majority_rate, stuck_at_majority, stuck_message
-from federator.runtime.downlink import Downlink
+from federator.runtime.downlink import Downlink, steps_from_state
 from federator.runtime.httpserver import StatusHTTPServer
 from federator.runtime.metrics import ServerMetrics
 from federator.runtime.models import ModelError, build_model, count_parameters
@@ -174,11 +174,11 @@ class FederationServer:
         self.eval_data = self.data.test
         self._norm_pb: pb.Normalization | None = None
         self._majority = majority_rate(self.data.test.y, self.data.num_classes)
-        held = self._resume()
+        held, steps = self._resume()
         self.version = model_version(self.run_id, self.completed)
         # the model workers hold (the global one unless the downlink is compressed), and what to send them
         self.downlink = Downlink(self.spec.compression.downlink, held if held is not None else self.params,
-                                 self.version, self.chunk_bytes)
+                                 self.version, self.chunk_bytes, steps_from_state(steps, self.version))
         self.uplink = self.spec.compression.uplink
 
         lock = threading.RLock()
@@ -235,12 +235,12 @@ class FederationServer:
 
     # ------------------------------------------------------------------------------------ lifecycle
 
-    def _resume(self) -> Params | None:
+    def _resume(self) -> tuple[Params | None, Any]:
         """Continue from the checkpoint if there is one; returns the model the workers held (compressed
-        downlink) when it was saved."""
+        downlink) when it was saved, and the downlink steps kept then."""
         state = load_checkpoint(self.state_dir / CHECKPOINT_FILE)
         if state is None:
-            return None
+            return None, None
         saved_layout = [tuple(x) for x in state["layout"]]
         mine = [(t.name, t.dtype, list(t.shape)) for t in self.layout.tensors]
         if saved_layout != [tuple(x) for x in mine]:
@@ -263,7 +263,7 @@ class FederationServer:
         self.resumed = True
         log.info("resumed from checkpoint: %d of %d rounds completed", self.completed, self.spec.rounds)
         held = state.get("downlink_held")
-        return {k: v.clone() for k, v in held.items()} if held is not None else None
+        return ({k: v.clone() for k, v in held.items()} if held is not None else None), state.get("downlink_steps")
 
     def start(self) -> FederationServer:
         self._grpc.start()
@@ -402,8 +402,7 @@ class FederationServer:
             record["byzantine"] = self._byzantine_record(rnd, outcome)
         # checkpoint first: a round that /status reports as completed is always on disk
         step = self.downlink.prepare(self.params, model_version(self.run_id, rnd))
-        self._checkpoint(rnd, [*self.history, record], outcome.state,
-                         step.held if self.downlink.scheme is not None else None)
+        self._checkpoint(rnd, [*self.history, record], outcome.state, *self.downlink.state_after(step))
         with self._cond:
             self.agg_state = outcome.state
             self._note_flags(rnd, outcome)
@@ -516,7 +515,7 @@ class FederationServer:
         return sorted(table.values(), key=lambda r: (-r["rounds"], r["client"]))
 
     def _checkpoint(self, completed: int, history: list[dict[str, Any]], agg_state: AggregationState,
-                    held: Params | None = None) -> None:
+                    held: Params | None = None, steps: list[dict[str, Any]] | None = None) -> None:
         save_checkpoint(self.state_dir / CHECKPOINT_FILE, {
             "format": 1,
             "federation": self.name,
@@ -530,6 +529,7 @@ class FederationServer:
             "layout": [(t.name, t.dtype, list(t.shape)) for t in self.layout.tensors],
             # what the workers will hold after this round: uplink deltas are decoded against it
             "downlink_held": held,
+            "downlink_steps": steps or [],  # the last compression.downlink.history steps to `held`
         })
         _write_json_atomic(self.state_dir / "metrics.json", {**self.metrics_document(), "rounds": history})
 

@@ -264,3 +264,105 @@ def test_federator_run_keeps_residuals_in_the_run_folder_and_a_fresh_run_starts_
     assert doc["compression"]["ratio"]["uplink"] >= 50
     assert doc["rounds"][-1]["accuracy"] > 0.3
     assert (out / "bytes.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------------------------------------------ downlink history over gRPC
+
+
+class Lagging:
+    """A worker that names whichever version it likes in GetTask and rebuilds the model from what it gets."""
+
+    def __init__(self, port: int) -> None:
+        self.h = Hostile(port)
+        self.copies: dict[int, Params] = {}  # version -> the model this worker rebuilt for it
+
+    def task(self, have: int) -> tuple[pb.TaskHeader, Params]:
+        from federator.runtime.client import receive_model
+
+        for _ in range(100):
+            stream = self.h.stub.GetTask(pb.TaskRequest(token=TOKEN, worker_id=self.h.worker_id, have_version=have,
+                                                        wait_seconds=2))
+            first = next(stream)
+            header = pb.TaskMessage.FromString(first).header if isinstance(first, bytes) else first.header
+            if header.kind != pb.TaskHeader.TRAIN:
+                list(stream)
+                continue
+            frames = (m if isinstance(m, bytes) else m.SerializeToString() for m in stream)
+            received = receive_model(header, frames)
+            if header.compressed:
+                assert header.delta_base == have
+                params = c.decode_chain(received, self.copies[have])
+            else:
+                params = received
+            self.copies[header.version] = params
+            return header, params
+        raise AssertionError("no task offered")
+
+    def train(self, task: pb.TaskHeader, params: Params) -> None:
+        from tests.integration.test_hostile_updates import messages, shifted
+
+        reply = self.h.submit(messages(*self.h.update(task, shifted(params, 0.01))))
+        assert reply.accepted, reply.detail
+
+
+def test_a_worker_behind_gets_the_steps_it_missed_and_a_restarted_server_still_sends_them(tmp_path: Path) -> None:
+    """Over real gRPC: a worker 1, 2 or 3 versions behind (history 3) gets that many 4-bit steps and ends at the
+    server's held copy bit for bit; 4 behind gets the full model; after a server restart from the checkpoint
+    the same holds."""
+    doc = manifest(rounds=8, clients={"count": 1, "perRound": 1, "minPerRound": 1, "roundTimeoutSeconds": 60,
+                                      "maxRoundRetries": 50},
+                   compression={"downlink": {"bits": 4, "history": 3}})
+    fed = Federation.model_validate(doc)
+
+    def serve() -> tuple[FederationServer, threading.Thread]:
+        srv = FederationServer(fed, tmp_path, [TOKEN]).start()
+        thread = threading.Thread(target=srv.run, daemon=True)
+        thread.start()
+        return srv, thread
+
+    def one_round(srv: FederationServer, w: Lagging, have: int) -> pb.TaskHeader:
+        done = srv.completed
+        task, params = w.task(have)
+        w.train(task, params)
+        deadline = time.monotonic() + 60
+        while srv.completed == done and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert srv.completed == done + 1
+        return task
+
+    def same(a: Params, b: Params) -> bool:
+        return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    srv, thread = serve()
+    try:
+        w = Lagging(srv.port)
+        versions = [one_round(srv, w, 0).version]  # new: the full model
+        for _ in range(3):  # each round from the version before: one step each
+            versions.append(one_round(srv, w, versions[-1]).version)
+        assert srv.completed == 4
+        for behind in (1, 2, 3):
+            task, params = w.task(versions[-behind])
+            assert task.compressed and task.delta_base == versions[-behind]
+            assert same(params, srv.downlink.held)  # the server's copy, bit for bit
+        task, params = w.task(versions[0])  # 4 behind: past history
+        assert not task.compressed and same(params, srv.downlink.held)
+        steps = load_checkpoint(tmp_path / CHECKPOINT_FILE)["downlink_steps"]
+        assert len(steps) == 3 and steps[-1]["version"] == srv.version
+    finally:
+        srv.stop()
+        thread.join(10)
+
+    srv, thread = serve()  # a new server process' worth of state, from the checkpoint
+    try:
+        assert srv.resumed and srv.completed == 4
+        w2 = Lagging(srv.port)
+        w2.copies = w.copies
+        for behind in (1, 2, 3):
+            task, params = w2.task(versions[-behind])
+            assert task.compressed and task.delta_base == versions[-behind], behind
+            assert same(params, srv.downlink.held)
+        one_round(srv, w2, versions[-3])  # trains from the rebuilt copy: its update is decoded against it
+        assert srv.completed == 5
+    finally:
+        srv.stop()
+        thread.join(10)

@@ -602,6 +602,38 @@ async def test_a_field_dropped_from_the_spec_is_removed_from_the_child(
         await settle(kube_api)
 
 
+async def test_error_feedback_mounts_a_residual_volume_in_the_pool_in_place_and_never_makes_a_claim(
+    kube_api: ApiServer, run_operator: OperatorRunner, status_servers: FakeServers
+) -> None:
+    status_servers.set("demo", server_report("demo"))
+
+    def residuals(dep: dict[str, Any]) -> tuple[Any, Any]:
+        spec = dep["spec"]["template"]["spec"]
+        volume = next((v for v in spec["volumes"] if v["name"] == "residuals"), None)
+        env = {e["name"]: e["value"] for e in first_container(dep)["env"]}
+        return volume, env.get("FEDERATOR_RESIDUAL_DIR")
+
+    async with run_operator():
+        fed = await create(kube_api, FEDS_URL, federation(compression={"uplink": {"topK": 0.01, "bits": 8}}))
+        dep = await eventually(lambda: live(kube_api, "apps/v1/deployments", "demo-clients"))
+        assert residuals(dep) == (None, None)  # no error feedback: nothing to keep
+        uid = dep["metadata"]["uid"]
+        await patch(kube_api, f"{FEDS_URL}/demo", {"spec": {"compression": {"uplink": {
+            "errorFeedback": True, "residuals": {"persistentVolumeClaim": "team-residuals"}}}}})
+        await eventually(lambda: residuals(must(kube_api, "apps/v1/deployments", "demo-clients")) == (
+            {"name": "residuals", "persistentVolumeClaim": {"claimName": "team-residuals"}},
+            f"/var/lib/federator/residuals/{fed['metadata']['uid']}"), message="the claim mounted in the pool")
+        await patch(kube_api, f"{FEDS_URL}/demo", {"spec": {"compression": {"uplink": {"residuals": None}}}})
+        await eventually(lambda: residuals(must(kube_api, "apps/v1/deployments", "demo-clients"))[0]
+                         == {"name": "residuals", "emptyDir": {}}, message="back to an emptyDir")
+        await settle(kube_api)
+        dep = must(kube_api, "apps/v1/deployments", "demo-clients")
+        validate_upstream(dep)
+        assert dep["metadata"]["uid"] == uid  # patched in place
+    assert [r for r in kube_api if r.resource is not None and r.resource.plural == "persistentvolumeclaims"
+            and r.method != "GET"] == []  # the claim is the user's
+
+
 async def test_a_resync_creates_the_service_monitor_once_its_api_appears(
     kube_api: ApiServer, run_operator: OperatorRunner, status_servers: FakeServers
 ) -> None:

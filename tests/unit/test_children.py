@@ -51,6 +51,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
                    "serviceType": "LoadBalancer", "checkpoint": {"storageClassName": "fast", "size": "5Gi"}},
         "clients": {"template": {"image": "example.org/custom:1", "imagePullPolicy": "Always"}},
     },
+    "residuals-empty-dir": {"compression": {"uplink": {"topK": 0.01, "bits": 8, "errorFeedback": True,
+                                                       "residuals": {"sizeLimit": "2Gi"}}}},
+    "residuals-claim": {"compression": {"uplink": {"topK": 0.01, "errorFeedback": True,
+                                                   "residuals": {"persistentVolumeClaim": "rwx-residuals"}}}},
 }
 
 
@@ -370,3 +374,90 @@ def test_every_container_command_parses_with_the_real_cli(variant: str) -> None:
         for path in (args.config, args.token_file, getattr(args, "tls_cert", None), getattr(args, "tls_key", None),
                      getattr(args, "tls_ca", None)):
             assert path is None or path in files, f"{manifest['metadata']['name']}: {path} is not mounted"
+
+
+# ------------------------------------------------------------------------------------ residual volumes
+
+EF = {"topK": 0.01, "bits": 8, "errorFeedback": True}
+
+
+def residual_parts(manifest: dict[str, Any]) -> tuple[dict[str, Any] | None, dict[str, Any] | None, str | None]:
+    """The residual volume, its mount and FEDERATOR_RESIDUAL_DIR of a client pod (None where absent)."""
+    spec = pod_spec(manifest)
+    [container] = spec["containers"]
+    volume = next((v for v in spec["volumes"] if v["name"] == children.RESIDUAL_VOLUME), None)
+    mount = next((m for m in container["volumeMounts"] if m["name"] == children.RESIDUAL_VOLUME), None)
+    env = {e["name"]: e["value"] for e in container["env"]}
+    return volume, mount, env.get("FEDERATOR_RESIDUAL_DIR")
+
+
+def test_without_error_feedback_client_pods_get_no_residual_volume() -> None:
+    for fed in (federation(), federation(compression={"uplink": {"topK": 0.01, "bits": 8}})):
+        assert residual_parts(children.clients_deployment(fed, children.federation_owner(fed, UID))) == (
+            None, None, None)
+        silo = client()
+        assert residual_parts(children.silo_deployment(silo, children.client_owner(silo, CLIENT_UID), fed)) == (
+            None, None, None)
+
+
+def test_error_feedback_keeps_the_pools_residuals_on_an_empty_dir_by_default() -> None:
+    fed = federation(compression={"uplink": EF})
+    volume, mount, directory = residual_parts(children.clients_deployment(fed, children.federation_owner(fed, UID)))
+    assert volume == {"name": "residuals", "emptyDir": {}}
+    assert mount == {"name": "residuals", "mountPath": "/var/lib/federator/residuals"}  # writable, not readOnly
+    assert directory == f"/var/lib/federator/residuals/{UID}"  # a Federation made again starts its own
+
+    sized = federation(compression={"uplink": {**EF, "residuals": {"sizeLimit": "3Gi"}}})
+    volume, _, _ = residual_parts(children.clients_deployment(sized, children.federation_owner(sized, UID)))
+    assert volume == {"name": "residuals", "emptyDir": {"sizeLimit": "3Gi"}}
+
+
+def test_a_named_claim_holds_the_pools_residuals_across_pod_replacement() -> None:
+    fed = federation(compression={"uplink": {**EF, "residuals": {"persistentVolumeClaim": "rwx-residuals"}}})
+    dep = children.clients_deployment(fed, children.federation_owner(fed, UID))
+    volume, mount, directory = residual_parts(dep)
+    assert volume == {"name": "residuals", "persistentVolumeClaim": {"claimName": "rwx-residuals"}}
+    assert mount is not None and not mount.get("readOnly")
+    assert directory == f"/var/lib/federator/residuals/{UID}"
+    validate_upstream(dep)
+    assert restricted_problems(pod_spec(dep)) == []
+    # the claim is the user's: the operator never creates (or prunes, or deletes) it
+    desired = children.federation_children(fed, UID, service_monitor_api=True)
+    assert "PersistentVolumeClaim" not in {m["kind"] for m in desired.apply}
+    assert "PersistentVolumeClaim" not in {r.kind for r in desired.prune}
+    # and a changed volume rolls the pool (its pod template changes)
+    other = federation(compression={"uplink": {**EF, "residuals": {"persistentVolumeClaim": "other"}}})
+    assert (children.clients_deployment(other, children.federation_owner(other, UID))["spec"]["template"]
+            != dep["spec"]["template"])
+
+
+def test_a_users_own_residual_dir_wins() -> None:
+    fed = federation(compression={"uplink": EF},
+                     clients={"template": {"env": {"FEDERATOR_RESIDUAL_DIR": "/var/lib/federator/residuals/x"}}})
+    _, _, directory = residual_parts(children.clients_deployment(fed, children.federation_owner(fed, UID)))
+    assert directory == "/var/lib/federator/residuals/x"
+    [container] = pod_spec(children.clients_deployment(fed, children.federation_owner(fed, UID)))["containers"]
+    names = [e["name"] for e in container["env"]]
+    assert names == sorted(names) and len(names) == len(set(names))
+
+
+def test_a_silo_keeps_its_residual_on_its_own_volume() -> None:
+    """A silo's residual comes from its private data: its own claim or an emptyDir, never the pool's claim."""
+    fed = federation(compression={"uplink": {**EF, "residuals": {"persistentVolumeClaim": "pool-rwx"}}})
+    plain = client()
+    volume, mount, directory = residual_parts(
+        children.silo_deployment(plain, children.client_owner(plain, CLIENT_UID), fed))
+    assert volume == {"name": "residuals", "emptyDir": {}}
+    assert mount == {"name": "residuals", "mountPath": "/var/lib/federator/residuals"}
+    assert directory == f"/var/lib/federator/residuals/{CLIENT_UID}"
+
+    own = FederatedClient.model_validate({**plain.model_dump(mode="json", exclude_none=True), "spec": {
+        **plain.spec.model_dump(mode="json", exclude_none=True), "residuals": {"persistentVolumeClaim": "a-res"}}})
+    silo = children.silo_deployment(own, children.client_owner(own, CLIENT_UID), fed)
+    volume, _, _ = residual_parts(silo)
+    assert volume == {"name": "residuals", "persistentVolumeClaim": {"claimName": "a-res"}}
+    validate_upstream(silo)
+    assert restricted_problems(pod_spec(silo)) == []
+    no_feedback = federation(compression={"uplink": {"topK": 0.01}})  # the silo's claim waits for error feedback
+    assert residual_parts(children.silo_deployment(own, children.client_owner(own, CLIENT_UID), no_feedback)) == (
+        None, None, None)

@@ -176,6 +176,11 @@ BAD_FEDERATIONS = [
      "aggregation.rule fedavg tolerates no Byzantine client"),
     ("spec.compression", {"uplink": {"errorFeedback": True, "bits": 32}}, ".spec.compression.uplink.errorFeedback",
      "errorFeedback needs a lossy uplink"),
+    ("spec.compression", {"uplink": {"topK": 0.01, "residuals": {"persistentVolumeClaim": "rwx"}}},
+     ".spec.compression.uplink.residuals", "residuals is where error feedback keeps what it left out"),
+    ("spec.compression", {"uplink": {"topK": 0.01, "errorFeedback": True,
+                                     "residuals": {"persistentVolumeClaim": "rwx", "sizeLimit": "1Gi"}}},
+     ".spec.compression.uplink.residuals.sizeLimit", "sizeLimit is the emptyDir's"),
 ]
 
 
@@ -213,6 +218,18 @@ def test_min_per_round_defaults_to_count_when_per_round_is_absent() -> None:
         Federation.model_validate(bad)
 
 
+def test_a_silo_residual_volume_is_checked_by_cel_like_the_model() -> None:
+    good = with_spec(FEDC, "spec.residuals", {"persistentVolumeClaim": "silo-a.residuals"})
+    assert crd_violations(federated_client_crd(), good) == []
+    FederatedClient.model_validate(good)
+    bad = with_spec(FEDC, "spec.residuals", {"persistentVolumeClaim": "silo-a", "sizeLimit": "2Gi"})
+    assert [v[0] for v in crd_violations(federated_client_crd(), bad)] == [".spec.residuals.sizeLimit"]
+    with pytest.raises(ValidationError, match="sizeLimit is the emptyDir's"):
+        FederatedClient.model_validate(bad)
+    with pytest.raises(ValidationError, match="persistentVolumeClaim"):
+        FederatedClient.model_validate(with_spec(FEDC, "spec.residuals", {"persistentVolumeClaim": "Not_A_Name"}))
+
+
 @pytest.mark.parametrize("volume", [{}, {"persistentVolumeClaim": "a", "hostPath": "/data"}])
 def test_cel_wants_exactly_one_silo_volume(volume: dict[str, str]) -> None:
     bad = with_spec(FEDC, "spec.data.volume", volume)
@@ -239,8 +256,8 @@ def test_every_model_validator_declares_its_cel_twin() -> None:
 def test_every_cel_rule_is_generated_into_the_crd_and_has_a_bad_example() -> None:
     """Each declared rule lands in the CRD, and the tables above run it through both CEL and pydantic."""
     declared = [r for cls in all_models() for r in rules_of(cls)]
-    assert len(declared) == 11  # perRound, minPerRound, minReplicas, ports, path, silo volume; byzantine: 4;
-    # compression: errorFeedback
+    assert len(declared) == 13  # perRound, minPerRound, minReplicas, ports, path, silo volume; byzantine: 4;
+    # compression: errorFeedback, residuals need errorFeedback, sizeLimit only for the emptyDir
     generated = [v for _, node in _walk(crd_schema(federation_crd())) + _walk(crd_schema(federated_client_crd()))
                  for v in node.get("x-kubernetes-validations", [])]
     examples = [m for *_, m in BAD_FEDERATIONS] + ["minPerRound must be <= perRound (perRound defaults to count)",
