@@ -176,6 +176,8 @@ BAD_FEDERATIONS = [
      "aggregation.rule fedavg tolerates no Byzantine client"),
     ("spec.compression", {"uplink": {"errorFeedback": True, "bits": 32}}, ".spec.compression.uplink.errorFeedback",
      "errorFeedback needs a lossy uplink"),
+    ("spec.aggregation", {"rule": "median", "nnm": {}, "bucketing": {"size": 2}}, ".spec.aggregation.nnm",
+     "nnm and bucketing are two remedies for the same problem"),
 ]
 
 
@@ -239,8 +241,8 @@ def test_every_model_validator_declares_its_cel_twin() -> None:
 def test_every_cel_rule_is_generated_into_the_crd_and_has_a_bad_example() -> None:
     """Each declared rule lands in the CRD, and the tables above run it through both CEL and pydantic."""
     declared = [r for cls in all_models() for r in rules_of(cls)]
-    assert len(declared) == 11  # perRound, minPerRound, minReplicas, ports, path, silo volume; byzantine: 4;
-    # compression: errorFeedback
+    assert len(declared) == 12  # perRound, minPerRound, minReplicas, ports, path, silo volume; byzantine: 4;
+    # compression: errorFeedback; aggregation: nnm or bucketing
     generated = [v for _, node in _walk(crd_schema(federation_crd())) + _walk(crd_schema(federated_client_crd()))
                  for v in node.get("x-kubernetes-validations", [])]
     examples = [m for *_, m in BAD_FEDERATIONS] + ["minPerRound must be <= perRound (perRound defaults to count)",
