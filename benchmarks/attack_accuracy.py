@@ -8,14 +8,20 @@ server optimizer; no gRPC, which changes nothing in the numbers: the e2e test ch
 ``federator run`` gives the same rounds). The first column is the clean run of the same rule; the goal
 (issue 7) is every robust rule within 5 points of the clean FedAvg run under every attack.
 
-Attacks (byzantine.attack; ALIE, IPM, Gaussian and sign flip are applied by the server to the attackers'
-updates, as a simulation; label flip poisons the attackers' data): sign flip x4 (attackers send -4 times
-their update), ALIE (Baruch et al. 2019, z_max for n=20, f=6), IPM (Xie et al. 2020, epsilon 0.5),
-Gaussian (N(0, 1) in place of the update), label flip (label -> 9 - label).
+Rules: each robust rule alone, and each with nearest-neighbour mixing before it (`aggregation.nnm`, Allouah
+et al. 2023, f = 6: every update becomes the mean of its 14 nearest), the published remedy for robust rules on
+heterogeneous data.
+
+Attacks (byzantine.attack): sign flip x4 (attackers send -4 times their update), scaled x10, Gaussian (N(0, 1)
+in place of the update) and replay (the first update sent again every round) are done by the attacking
+clients on the update they send, as in `federator run`; label flip (label -> 9 - label) poisons their data;
+ALIE (Baruch et al. 2019, z_max for n=20, f=6) and IPM (Xie et al. 2020, epsilon 0.5) need the round's
+honest updates and are simulated by the server (omniscient attackers, as in the papers).
 
 Run from the repository root: ``.venv/bin/python benchmarks/attack_accuracy.py`` (``--rounds N``,
-``--settings iid,noniid``, ``--no-doc``). Writes its section of ``docs/benchmarks.md`` and
-``docs/bench-attack-accuracy.png``; raw numbers to ``results/attack-accuracy.json``. Not a test.
+``--settings iid,noniid``, ``--rules``, ``--no-doc``, ``--render-only``). Writes its section of
+``docs/benchmarks.md`` and ``docs/bench-attack-accuracy.png``; raw numbers to ``results/attack-accuracy.json``.
+Not a test.
 """
 
 from __future__ import annotations
@@ -62,13 +68,17 @@ RULES: dict[str, dict[str, Any]] = {
     # updates through on IID digits (0.32), 0.2 does not (0.89); 0.05 clips honest updates too (0.84)
     "centered_clipping": {"rule": "centered_clipping", "tau": 0.2, "iterations": 3},
 }
+ROBUST = [r for r in RULES if r != "fedavg"]
+RULES.update({f"{r}+nnm": {**RULES[r], "nnm": {}} for r in ROBUST})  # the same rules after NNM
 ATTACKS: dict[str, dict[str, Any] | None] = {
     "clean": None,
     "sign_flip": {"type": "sign_flip", "parameters": {"scale": 4}},
+    "scaled": {"type": "scaled", "parameters": {"factor": 10}},
     "alie": {"type": "alie"},
     "ipm": {"type": "ipm", "parameters": {"epsilon": 0.5}},
     "gaussian": {"type": "gaussian", "parameters": {"std": 1.0}},
     "label_flip": {"type": "label_flip"},
+    "replay": {"type": "replay"},
 }
 SETTINGS: dict[str, dict[str, Any]] = {
     "iid": {"dataset": "digits", "partition": {"scheme": "iid"}, "seed": 0},
@@ -92,8 +102,10 @@ def spec_for(setting: str, rule: str, attack: str, rounds: int) -> FederationSpe
     })
 
 
-def run(settings: list[str], rounds: int, rules: list[str], previous: dict[str, Any] | None) -> dict[str, Any]:
-    """The grid; with `previous` (an earlier result with the same rounds), only `rules` are run again."""
+def run(settings: list[str], rounds: int, rules: list[str], previous: dict[str, Any] | None,
+        partial: Path | None = None) -> dict[str, Any]:
+    """The grid; with `previous` (an earlier result with the same rounds), only `rules` are run again. After each
+    rule the grid so far is written to `partial` (a long run that stops can go on with `--rules`)."""
     torch.set_num_threads(1)
     out: dict[str, Any] = previous or {"rounds": rounds, "clients": CLIENTS, "attackers": ATTACKERS, "settings": {}}
     for setting in settings:
@@ -106,6 +118,9 @@ def run(settings: list[str], rounds: int, rules: list[str], previous: dict[str, 
                 table[rule][attack] = res.final_accuracy
                 print(f"{setting:7s} {rule:18s} {attack:10s} {res.final_accuracy:.3f} "
                       f"({time.perf_counter() - t0:.1f}s)", flush=True)
+            if partial is not None:
+                partial.parent.mkdir(exist_ok=True)
+                partial.write_text(json.dumps(out, indent=2))
         out["settings"][setting] = {r: table[r] for r in RULES if r in table}
     return out
 
@@ -124,7 +139,7 @@ def verdicts(table: dict[str, dict[str, float]]) -> list[str]:
 
 def plot(result: dict[str, Any]) -> None:
     settings = list(result["settings"])
-    fig, axes = plt.subplots(1, len(settings), figsize=(6.5 * len(settings), 4.2), dpi=100, squeeze=False)
+    fig, axes = plt.subplots(1, len(settings), figsize=(7.5 * len(settings), 6.4), dpi=100, squeeze=False)
     for ax, setting in zip(axes[0], settings, strict=True):
         table = result["settings"][setting]
         rules, attacks = list(table), list(ATTACKS)
@@ -190,18 +205,28 @@ def main() -> int:
     ap.add_argument("--rules", default=",".join(RULES), help="rerun only these rules, keeping the others' "
                     "rows from results/attack-accuracy.json")
     ap.add_argument("--no-doc", action="store_true")
+    ap.add_argument("--render-only", action="store_true", help="write the section and the plot from "
+                    "results/attack-accuracy.json without running anything")
     args = ap.parse_args()
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     rules = args.rules.split(",")
     raw = ROOT / "results" / "attack-accuracy.json"
+    if args.render_only:
+        result = json.loads(raw.read_text())
+        plot(result)
+        write_section(section(result, result["seconds"], result["load"], result["rules_run"]), SECTION_BEGIN,
+                      SECTION_END, DOC)
+        print(f"wrote {DOC} and {PLOT}")
+        return 0
     previous = None
     if set(rules) != set(RULES) and raw.exists():
         previous = json.loads(raw.read_text())
         if previous.get("rounds") != args.rounds:
             raise SystemExit(f"{raw} has {previous.get('rounds')} rounds, not {args.rounds}: rerun every rule")
     t0 = time.perf_counter()
-    result = run(args.settings.split(","), args.rounds, rules, previous)
+    result = run(args.settings.split(","), args.rounds, rules, previous, raw)
     seconds = time.perf_counter() - t0
+    result.update(seconds=seconds, load=load, rules_run=len(rules))
     (ROOT / "results").mkdir(exist_ok=True)
     (ROOT / "results" / "attack-accuracy.json").write_text(json.dumps(result, indent=2))
     if not args.no_doc:

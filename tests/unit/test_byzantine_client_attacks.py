@@ -127,3 +127,29 @@ def test_alie_moves_a_plain_mean_by_f_over_n_z_sigma_less_than_the_honest_means_
     shift = robust.fedavg(attacked) - honest.mean(dim=0)
     torch.testing.assert_close(shift, -(f / n) * z * sigma)
     assert (f / n) * z < 1 / math.sqrt(n - f)
+
+
+def test_alie_is_what_krum_selects_and_moves_a_trimmed_mean_further_than_a_plain_mean() -> None:
+    """The attack's lever (Baruch et al. 2019): its f identical updates sit at the centre of the honest cloud,
+    so Krum picks one of them (the full z_max sigma shift) and a trimmed mean keeps all f of them (more than the
+    mean's (f/n) z_max sigma), while each stays inside the honest spread."""
+    n, f, d = 20, 6, 2000
+    x = torch.randn(n, d, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
+    clients = [f"sim-{i}" for i in range(n)]
+    attack = FederationSpec.model_validate({"rounds": 1, "clients": {"count": n}, "byzantine": {
+        "attack": {"type": "alie", "count": f}}}).byzantine.attack
+    assert attack is not None
+    attacked = attack_rows(x, clients, frozenset(clients[:f]), attack)
+    honest = x[f:]
+    sigma, mean = honest.std(dim=0, correction=1), honest.mean(dim=0)
+    z = byzantine.alie_z(n, f)
+    torch.testing.assert_close(robust.krum(attacked, f), attacked[0])  # an attacker's update wins
+    per_coordinate = {name: float(((mean - agg) / sigma).mean()) for name, agg in {
+        "fedavg": robust.fedavg(attacked), "trimmed_mean": robust.trimmed_mean(attacked, 0.3),
+        "krum": robust.krum(attacked, f)}.items()}
+    assert per_coordinate["fedavg"] == pytest.approx(f / n * z)
+    assert per_coordinate["trimmed_mean"] > 1.5 * per_coordinate["fedavg"]
+    assert per_coordinate["krum"] == pytest.approx(z)
+    # inside the honest spread: the attackers are nearer the honest mean than a typical honest update
+    assert float(torch.linalg.vector_norm(attacked[0] - mean)) < float(
+        torch.linalg.vector_norm(honest - mean, dim=1).median())
