@@ -292,10 +292,12 @@ def nnm_row(run: dict[str, Any]) -> list[str]:
         return []
     ours = run["ours"]["nnm"]["s"]
     head = f"| nnm (pre-step, f = {run['f']}) | {1e3 * ours:.1f} ms | "
-    tail = f"{ours / run['floor_s']:.1f} | {agrees(run, 'nnm')} | one Gram matrix and one (n, n) @ (n, d) product |"
+    note = "one Gram matrix and one (n, n) @ (n, d) product |"
     if "nnm" not in run["byzfl"]:
         gather = run["n"] * (run["n"] - run["f"]) * run["d"] * 4 / 2**30
-        return [head + f"not run: byzfl.NNM would gather {gather:.0f} GiB | | " + tail]
+        return [head + f"not run: byzfl.NNM would gather {gather:.0f} GiB | | {ours / run['floor_s']:.1f} | | "
+                + note]
+    tail = f"{ours / run['floor_s']:.1f} | {agrees(run, 'nnm')} | " + note
     theirs, path = best_byzfl(run, "nnm")
     other = "torch" if path == "numpy" else "numpy"
     return [head + f"{1e3 * theirs:.1f} ms ({path}; {other} {1e3 * run['byzfl']['nnm'][other]['s']:.0f} ms) | "
