@@ -11,6 +11,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+# fixed margins for the 6x4 in. round plots: tight_layout() would draw each figure once more to measure it
+# (a third of the plotting time, which `federator run` spends after its last round)
+MARGINS = {"left": 0.12, "right": 0.97, "bottom": 0.12, "top": 0.92}
+LOG_MARGINS = {**MARGINS, "left": 0.16}  # log-scale tick labels (2 x 10^5) are wider
+
 
 def plot_curves(rounds: Sequence[dict[str, Any]], out: Path, title: str) -> list[Path]:
     """Write accuracy.png and loss.png (value per round), and bytes.png when the rounds count bytes."""
@@ -25,7 +30,7 @@ def plot_curves(rounds: Sequence[dict[str, Any]], out: Path, title: str) -> list
         ax.grid(alpha=0.3)
         if key == "accuracy":
             ax.set_ylim(0, 1.0)
-        fig.tight_layout()
+        fig.subplots_adjust(**MARGINS)
         path = out / f"{key}.png"
         fig.savefig(path)
         plt.close(fig)
@@ -52,7 +57,7 @@ def plot_bytes(rounds: Sequence[dict[str, Any]], path: Path, title: str) -> Path
     ax.set_title(f"{title}: bytes on the wire")
     ax.grid(alpha=0.3, which="both")
     ax.legend()
-    fig.tight_layout()
+    fig.subplots_adjust(**LOG_MARGINS)
     fig.savefig(path)
     plt.close(fig)
     return path

@@ -38,7 +38,7 @@ from federator.runtime.normalization import Normalizer, feature_stats, normalize
 from federator.runtime.proto import federator_pb2 as pb
 from federator.runtime.proto import federator_pb2_grpc as pb_grpc
 from federator.runtime.residuals import ResidualStore
-from federator.runtime.training import Params, get_params, set_params, train_local
+from federator.runtime.training import Params, get_params, set_params, train_local, warm_up
 from federator.runtime.transport import (
     RECONNECT_BACKOFF_MAX,
     BlobAssembler,
@@ -146,10 +146,10 @@ class Worker:
     # ------------------------------------------------------------------------------------ main loop
 
     def warm_up(self) -> None:
-        """Load the data and torch's optimizer machinery before joining, so round 1 does not wait for it."""
+        """Load the data and take one training step before joining, so round 1 does not wait for either."""
         if self.silo_data is None:
             self._data = prepare_data(self.spec)
-        torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1).step()
+        warm_up(self.spec.training)
 
     def run(self) -> int:
         """Returns 0 when the server said STOP, 1 when it stayed unreachable for reconnect_seconds."""

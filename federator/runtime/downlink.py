@@ -34,6 +34,7 @@ class Pending:
     version: int
     held: Params
     delta: Encoded | None
+    full: Encoded  # `held` ready to stream (without compression its frames are built once for every worker)
 
 
 class Downlink:
@@ -43,21 +44,25 @@ class Downlink:
         self.held = held
         self.version = version
         self.full = encode(held, chunk_bytes)
+        if self.scheme is None:
+            self.full = self.full.prebuilt()
         self.delta: Encoded | None = None
         self.delta_base = 0
 
     def prepare(self, params: Params, version: int) -> Pending:
         """The step to the global model `params` as `version` (to checkpoint before `commit`)."""
         if self.scheme is None:
-            return Pending(version, params, None)
+            return Pending(version, params, None, encode(params, self.chunk_bytes).prebuilt())
         step = comp.downlink_step(self.held, params, self.scheme, np.random.default_rng(version))
-        return Pending(version, step.held, encode(comp.payload_tensors(step.payload), self.chunk_bytes))
+        delta = encode(comp.payload_tensors(step.payload), self.chunk_bytes).prebuilt()
+        # the full model goes only to a new or lagging worker: its frames are built when sent
+        return Pending(version, step.held, delta, encode(step.held, self.chunk_bytes))
 
     def commit(self, step: Pending) -> None:
         self.delta = step.delta
         self.delta_base = self.version if step.delta is not None else 0
         self.held, self.version = step.held, step.version
-        self.full = encode(self.held, self.chunk_bytes)
+        self.full = step.full
 
     def offer(self, have_version: int) -> Offer:
         raw = self.full.total_bytes

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -12,6 +13,7 @@ from torch import nn
 
 from federator.api.models import TrainingSpec
 from federator.runtime.data import ArrayDataset
+from federator.runtime.optim import SGD, Adam, LocalOptimizer
 
 Params = dict[str, torch.Tensor]
 
@@ -50,6 +52,24 @@ def _device(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
+def make_optimizer(training: TrainingSpec, params: Sequence[torch.Tensor]) -> LocalOptimizer:
+    """``training.optimizer`` over ``params`` (torch's update functions; see federator.runtime.optim)."""
+    if training.optimizer == "sgd":
+        return SGD(params, lr=training.learningRate, momentum=training.momentum, weight_decay=training.weightDecay)
+    return Adam(params, lr=training.learningRate, weight_decay=training.weightDecay)
+
+
+def warm_up(training: TrainingSpec) -> None:
+    """One step of a tiny model through the training path (forward, loss, backward, ``training``'s
+    optimizer), so that torch's lazy one-off set-up is paid before a worker joins, not in round 1."""
+    with torch.random.fork_rng(devices=[]):
+        model = nn.Linear(2, 2)
+        opt = make_optimizer(training, list(model.parameters()))
+        F.cross_entropy(model(torch.zeros(1, 2)), torch.zeros(1, dtype=torch.long)).backward()
+        opt.step()
+        opt.zero_grad()
+
+
 def train_local(
     model: nn.Module,
     data: ArrayDataset,
@@ -71,12 +91,7 @@ def train_local(
     device = _device(model)
     x, y = _tensors(data, device)
     params = [p for p in model.parameters() if p.requires_grad]
-    if training.optimizer == "sgd":
-        opt: torch.optim.Optimizer = torch.optim.SGD(
-            params, lr=training.learningRate, momentum=training.momentum, weight_decay=training.weightDecay
-        )
-    else:
-        opt = torch.optim.Adam(params, lr=training.learningRate, weight_decay=training.weightDecay)
+    opt = make_optimizer(training, params)
 
     mu = training.proximalMu
     anchors: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -106,7 +121,7 @@ def train_local(
             total = torch.zeros((), dtype=torch.float64, device=device)
             for i in range(0, n, bs):
                 idx = perm[i : i + bs]
-                opt.zero_grad(set_to_none=True)
+                opt.zero_grad()
                 loss = F.cross_entropy(model(x[idx]), y[idx])
                 loss.backward()
                 if anchors:

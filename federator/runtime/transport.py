@@ -10,7 +10,7 @@ the model.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import crc32c
@@ -162,6 +162,7 @@ class Encoded:
     views: tuple[memoryview, ...]
     cuts: tuple[Cut, ...]
     chunk_bytes: int
+    built: tuple[bytes, ...] | None = field(default=None, repr=False)  # the frames, when `prebuilt`
 
     @property
     def total_bytes(self) -> int:
@@ -182,8 +183,19 @@ class Encoded:
 
     def frames(self, chunk_bytes: int | None = None) -> Iterator[bytes]:
         """The chunks as serialized `TaskMessage`/`UpdateMessage`s (see `chunk_frame`): what streaming sends."""
+        if self.built is not None and chunk_bytes in (None, self.chunk_bytes):
+            yield from self.built
+            return
         for c in self._cuts_for(chunk_bytes):
             yield chunk_frame(self.specs[c.index].offset + c.start, self.views[c.index][c.start : c.end], c.crc32)
+
+    def prebuilt(self) -> Encoded:
+        """The same with every frame built now, for a model sent many times (the server's global model goes
+        to every worker): each send then hands gRPC ready bytes instead of copying the model into frames
+        again. Costs one more copy of the model in memory for as long as this object lives."""
+        if self.built is not None:
+            return self
+        return replace(self, built=tuple(self.frames()))
 
 
 def encode(params: Mapping[str, torch.Tensor], chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Encoded:

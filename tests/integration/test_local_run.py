@@ -241,6 +241,10 @@ def _processes_mentioning(text: str) -> list[int]:
     return pids
 
 
+def _comm(pid: int) -> str:
+    return (Path("/proc") / str(pid) / "comm").read_text().strip()
+
+
 def test_ctrl_c_stops_every_process_and_resume_finishes_the_run(tmp_path: Path) -> None:
     doc = manifest(rounds=40, clients={"count": 4, "perRound": 4, "minPerRound": 4, "workers": 2})
     path = write_manifest(tmp_path / "ctrlc.yaml", doc)
@@ -255,6 +259,8 @@ def test_ctrl_c_stops_every_process_and_resume_finishes_the_run(tmp_path: Path) 
             break
     children = set(_processes_mentioning(str(path))) - {proc.pid}
     assert len(children) == 3  # the server and two workers
+    # forks of the run (which imported torch once for all three), named for ps -o comm and top
+    assert sorted(_comm(pid) for pid in children) == ["fed-server", "fed-worker-0", "fed-worker-1"]
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 130

@@ -230,3 +230,38 @@ def test_a_stream_message_that_is_not_a_chunk_is_rejected(raw: bytes, detail: st
 def test_checksum_is_crc32c_and_runs_on() -> None:
     assert checksum(b"123456789") == 0xE3069283  # the CRC-32C check value (RFC 3720)
     assert checksum(b"6789", checksum(b"12345")) == checksum(b"123456789")
+
+
+def test_prebuilt_frames_are_the_same_bytes_for_every_send() -> None:
+    p = params()
+    enc = encode(p, chunk_bytes=100)
+    pre = enc.prebuilt()
+    first, second = list(pre.frames()), list(pre.frames())
+    assert first == list(enc.frames())  # the same wire bytes as frames built on the fly
+    assert all(a is b for a, b in zip(first, second, strict=True))  # built once, not per send
+    assert pre.prebuilt() is pre
+    assert list(pre.frames(64)) == list(enc.frames(64))  # another chunk size still cuts afresh
+    asm = BlobAssembler(pre.specs, pre.total_bytes, Layout.of(p))
+    for frame in pre.frames():
+        asm.add(read_chunk(frame, pb.TaskMessage))
+    out = asm.finish()
+    assert all(torch.equal(out[k], p[k]) for k in p)
+
+
+def test_the_downlink_serialises_each_model_version_once_for_all_workers() -> None:
+    from federator.api.models import DownlinkCompressionSpec
+    from federator.runtime.downlink import Downlink
+
+    p = {"w": torch.randn(300), "b": torch.randn(3)}
+    down = Downlink(DownlinkCompressionSpec(), p, version=1, chunk_bytes=256)
+    one, two = down.offer(0).encoded, down.offer(0).encoded
+    assert one is not None and two is not None
+    assert all(a is b for a, b in zip(one.frames(), two.frames(), strict=True))
+    new = {k: v + 1 for k, v in p.items()}
+    down.commit(down.prepare(new, version=2))
+    enc = down.offer(1).encoded
+    assert enc is not None and enc.built is not None
+    asm = BlobAssembler(enc.specs, enc.total_bytes, Layout.of(new))
+    for frame in enc.frames():
+        asm.add(read_chunk(frame, pb.TaskMessage))
+    assert all(torch.equal(v, new[k]) for k, v in asm.finish().items())
