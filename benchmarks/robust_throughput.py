@@ -123,6 +123,7 @@ def byzfl_jobs(n: int) -> dict[str, Callable[[], Callable[[Any], Any]]]:
         "centered_clipping": lambda: byzfl.CenteredClipping(tau=TAU, L=1),
         "norm_clip": lambda: byzfl.Clipping(c=CLIP),
         "bucketing": lambda: byzfl.Bucketing(s=BUCKET),
+        "nnm": lambda: byzfl.NNM(f=f),
     }
 
 
@@ -173,6 +174,7 @@ def our_jobs(n: int, d: int) -> dict[str, Callable[[torch.Tensor], torch.Tensor]
         "centered_clipping": lambda x: robust.centered_clipping(x, zeros, TAU, 1),
         "norm_clip": lambda x: robust.norm_clip(x, CLIP),
         "bucketing": lambda x: robust.bucketing(x, BUCKET, torch.Generator().manual_seed(0)),
+        "nnm": lambda x: robust.nnm(x, f),
     }
 
 
@@ -228,7 +230,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             theirs: dict[str, dict[str, dict[str, Any]]] = {}
             # Rule by rule, call by call, the two sides take turns: both see the same load.
             for rule, fn in our_jobs(n, d).items():
-                paths = ("numpy", "torch") if rule in BYZFL_RULES else ()
+                paths = ("numpy", "torch") if rule in BYZFL_RULES or (rule == "nnm" and nnm_fits(n, d)) else ()
                 for _ in range(args.repeats):
                     if ours.get(rule, {}).get("s", 0.0) <= SLOW_S:
                         time.sleep(PAUSE_S)
@@ -265,7 +267,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
 BYZFL_RULES = ["fedavg", "median", "trimmed_mean", "krum", "multi_krum", "geometric_median", "centered_clipping",
                "norm_clip", "bucketing"]
-SAME_DEFINITION = {"fedavg", "median", "trimmed_mean", "centered_clipping", "norm_clip"}
+SAME_DEFINITION = {"fedavg", "median", "trimmed_mean", "centered_clipping", "norm_clip", "nnm"}
 NOTES = {
     "krum": "byzfl scores with n-f-1 neighbours, Blanchard et al. with n-f-2",
     "multi_krum": "m = n - f (byzfl's choice)",
@@ -273,6 +275,33 @@ NOTES = {
     "byzfl starts at 0, ours at the mean",
     "bucketing": "random permutations differ",
 }
+
+
+# byzfl's NNM gathers every row's n - f neighbours into one (n, n - f, d) array (32 GB at n = 100, d = 1e6):
+# it runs only where that fits under this bound, and the table says so elsewhere.
+NNM_GATHER_LIMIT = 4 << 30
+
+
+def nnm_fits(n: int, d: int) -> bool:
+    return n * (n - params(n)["f"]) * d * 4 <= NNM_GATHER_LIMIT
+
+
+def nnm_row(run: dict[str, Any]) -> list[str]:
+    """The NNM pre-step's row (byzfl.NNM where its gather fits); none for results from before it existed."""
+    if "nnm" not in run["ours"]:
+        return []
+    ours = run["ours"]["nnm"]["s"]
+    head = f"| nnm (pre-step, f = {run['f']}) | {1e3 * ours:.1f} ms | "
+    note = "one Gram matrix and one (n, n) @ (n, d) product |"
+    if "nnm" not in run["byzfl"]:
+        gather = run["n"] * (run["n"] - run["f"]) * run["d"] * 4 / 2**30
+        return [head + f"not run: byzfl.NNM would gather {gather:.0f} GiB | | {ours / run['floor_s']:.1f} | | "
+                + note]
+    tail = f"{ours / run['floor_s']:.1f} | {agrees(run, 'nnm')} | " + note
+    theirs, path = best_byzfl(run, "nnm")
+    other = "torch" if path == "numpy" else "numpy"
+    return [head + f"{1e3 * theirs:.1f} ms ({path}; {other} {1e3 * run['byzfl']['nnm'][other]['s']:.0f} ms) | "
+            f"**{theirs / ours:.1f}x** | " + tail]
 
 
 def best_byzfl(run: dict[str, Any], rule: str) -> tuple[float, str]:
@@ -329,6 +358,7 @@ def render(data: dict[str, Any]) -> str:
         gm = run["ours"]["geometric_median_tol"]["s"]
         rows.append(f"| geometric_median to tol 1e-6 (our default) | {1e3 * gm:.1f} ms | | | "
                     f"{gm / run['floor_s']:.1f} | | up to 100 iterations |")
+        rows += nnm_row(run)
         tables.append(f"**n = {run['n']}, d = {run['d']:,}** (f = {run['f']})\n\n{head}" + "\n".join(rows))
     verdicts = []
     for rule in ["median", "trimmed_mean", "krum", "multi_krum", "geometric_median", "centered_clipping"]:

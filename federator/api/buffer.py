@@ -21,11 +21,17 @@ def buffer_bytes(updates: int, parameters: int) -> int:
     return updates * parameters * FLOAT32_BYTES
 
 
+SERVER_ATTACKS = ("alie", "ipm")  # simulated by the server from the round's honest updates (omniscient attackers)
+
+
 def needs_buffer(spec: FederationSpec) -> bool:
-    """True when the round's updates are held together: a robust rule, detection, or a server-side attack."""
+    """True when the round's updates are held together: a robust rule, NNM, detection, or an attack that the
+    server simulates (ALIE, IPM: they need the round's honest updates). The other attacks happen on the
+    attacking clients, so FedAvg under them still streams."""
     attack = spec.byzantine.attack
-    server_attack = attack is not None and attack.type != "label_flip"
-    return spec.aggregation.rule not in STREAMING_RULES or spec.byzantine.detection is not None or server_attack
+    server_attack = attack is not None and attack.type in SERVER_ATTACKS
+    return (spec.aggregation.rule not in STREAMING_RULES or spec.aggregation.nnm is not None
+            or spec.byzantine.detection is not None or server_attack)
 
 
 def buffer_problem(spec: FederationSpec, parameters: int) -> str | None:

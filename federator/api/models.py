@@ -257,6 +257,18 @@ class BucketingSpec(Strict):
     size: Annotated[int, Field(ge=1, le=1000, description="Updates per bucket (s); 1 leaves them as they are.")]
 
 
+class NNMSpec(Strict):
+    """Pre-step (Allouah et al. 2023, "Fixing by Mixing"): each update becomes the mean of its n - f nearest
+    updates, itself included, before the rule. The published remedy for robust rules on heterogeneous data."""
+
+    f: Annotated[
+        int | None,
+        Field(ge=0, le=100_000, description="Byzantine updates assumed per round: each update mixes its n - f "
+                                            "nearest (default: byzantine.expectedFraction of the round, rounded "
+                                            "up)."),
+    ] = None
+
+
 class AggregationSpec(Strict):
     """How client updates become the next global model."""
 
@@ -284,12 +296,27 @@ class AggregationSpec(Strict):
     iterations: Annotated[int, Field(ge=1, le=100, description="centered_clipping: clipping passes per round.")] = 1
     normClip: Annotated[NormClipSpec | None, Field(description="Pre-step before any rule.")] = None
     bucketing: Annotated[BucketingSpec | None, Field(description="Pre-step before a robust rule.")] = None
+    nnm: Annotated[
+        NNMSpec | None,
+        Field(description="Pre-step before any rule: nearest-neighbour mixing (keeps the rule's tolerance)."),
+    ] = None
     maxBufferBytes: Annotated[
         int,
         Field(ge=1, le=2**44, description="Largest round buffer (updates x parameters x 4 bytes) a buffered "
                                           "rule, detection or an attack simulation may hold."),
     ] = 4 * 1024**3
     serverOptimizer: ServerOptimizerSpec = ServerOptimizerSpec()
+
+    @model_validator(mode="after")
+    @cel("!has(self.nnm) || !has(self.bucketing)",
+         "nnm and bucketing are two remedies for the same problem (heterogeneous updates): set one of them",
+         field_path=".nnm")
+    def _one_mixing_pre_step(self) -> AggregationSpec:
+        if self.nnm is not None and self.bucketing is not None:
+            raise ValueError("aggregation.nnm and aggregation.bucketing are two remedies for the same problem "
+                             "(heterogeneous updates): set one of them (nnm keeps the rule's tolerance, bucketing "
+                             "divides it by the bucket size)")
+        return self
 
 
 # ----------------------------------------------------------------------------------------- byzantine

@@ -17,16 +17,21 @@ ROBUST_RULES = ("median", "trimmed_mean", "krum", "multi_krum", "geometric_media
 
 
 def rule_tolerance(rule: str, n: int, trim_fraction: float = 0.0, f: int | None = None,
-                   bucket_size: int = 1) -> int:
+                   bucket_size: int = 1, nnm: bool = False, nnm_f: int | None = None) -> int:
     """The largest number of Byzantine updates among `n` that `rule` withstands.
 
     fedavg 0; median, geometric median, centered clipping f < n/2; trimmed mean floor(trim * n) (below
     n/2); Krum and Multi-Krum n > 2f + 2 (Blanchard et al. 2017), and with their `f` set, that f if it
     meets the condition, else 0. With bucketing (size s) the rule sees ceil(n/s) bucket means and each
-    Byzantine update spoils one bucket: the tolerance is the rule's own on ceil(n/s) inputs.
+    Byzantine update spoils one bucket: the tolerance is the rule's own on ceil(n/s) inputs. Nearest-
+    neighbour mixing keeps the rule's tolerance (Allouah et al. 2023; NNM needs f < n/2, which every rule's
+    limit already is), capped at NNM's own `f` when it is set.
     """
     if n < 1:
         return 0
+    if nnm:
+        tol = rule_tolerance(rule, n, trim_fraction, f, bucket_size)
+        return tol if nnm_f is None else min(tol, nnm_f)
     if bucket_size > 1:
         n = math.ceil(n / bucket_size)
     half = max(0, (n - 1) // 2)
@@ -50,7 +55,8 @@ def expected_byzantine(fraction: float, n: int) -> int:
 
 
 def tolerated(agg: AggregationSpec, n: int) -> int:
-    return rule_tolerance(agg.rule, n, agg.trimFraction, agg.f, agg.bucketing.size if agg.bucketing else 1)
+    return rule_tolerance(agg.rule, n, agg.trimFraction, agg.f, agg.bucketing.size if agg.bucketing else 1,
+                          agg.nnm is not None, agg.nnm.f if agg.nnm else None)
 
 
 def tolerance_problem(spec: FederationSpec) -> str | None:
@@ -78,6 +84,10 @@ def tolerance_problem(spec: FederationSpec) -> str | None:
         hints.append("a smaller aggregation.bucketing.size")
     if agg.f is not None and agg.rule in ("krum", "multi_krum") and agg.f < want <= rule_tolerance(agg.rule, n):
         hints.insert(0, f"aggregation.f >= {want}")
+    if agg.nnm is not None and agg.nnm.f is not None and agg.nnm.f < want <= rule_tolerance(
+            agg.rule, n, agg.trimFraction, agg.f, s):
+        # the rule would do; NNM's f caps it: only raising f (or leaving it to default to the expected count) helps
+        hints = [f"aggregation.nnm.f >= {want}", "aggregation.nnm without f (it defaults to the expected count)"]
     fix = "; use " + " or ".join(hints) if hints else "; raise clients.minPerRound or lower byzantine.expectedFraction"
     return (
         f"byzantine.expectedFraction={spec.byzantine.expectedFraction:g} of clients.minPerRound={n} is {want} "

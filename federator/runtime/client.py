@@ -28,7 +28,7 @@ import torch
 from federator.api.models import Federation
 from federator.runtime import compression as comp
 from federator.runtime import lifeline
-from federator.runtime.aggregation.attacks import local_data
+from federator.runtime.aggregation.attacks import ClientAttack, local_data
 from federator.runtime.config import load_federation_config
 from federator.runtime.data import ArrayDataset, FederatedData, load_silo_data, prepare_data
 from federator.runtime.httpserver import StatusHTTPServer
@@ -123,6 +123,7 @@ class Worker:
         up = self.spec.compression.uplink
         self.uplink = comp.Scheme(ratio=up.topK, bits=up.bits, chunk=up.chunk) if up.enabled else None
         self.residuals = ResidualStore(residual_dir, fed.metadata.name) if up.errorFeedback else None
+        self.attack = ClientAttack(self.spec, residual_dir, fed.metadata.name)  # byzantine.attack: experiments only
         self._normalized: tuple[Normalizer, ArrayDataset] | None = None  # the local data, normalised
         self._task_id = ""
         self._stop = threading.Event()
@@ -317,7 +318,7 @@ class Worker:
                              global_params=params if self.spec.training.proximalMu > 0 else None)
         self.metrics.train_seconds.labels(client=header.client_id).observe(result.seconds)
         self.metrics.samples.labels(client=header.client_id).inc(result.num_samples)
-        trained = get_params(model)
+        trained = self.attack.apply(header.client_id, header.round, get_params(model), params)
         residual = None
         if self.uplink is None:
             enc = encode(trained, joined.chunk_bytes)

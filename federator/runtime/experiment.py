@@ -13,7 +13,7 @@ from typing import Any
 
 from federator.api.models import FederationSpec
 from federator.runtime.aggregation import AggregationPipeline, AggregationState, ServerOptimizerState, server_update
-from federator.runtime.aggregation.attacks import local_data
+from federator.runtime.aggregation.attacks import ClientAttack, local_data
 from federator.runtime.data import prepare_data
 from federator.runtime.models import build_model
 from federator.runtime.server import sample_clients
@@ -37,6 +37,7 @@ def run_experiment(spec: FederationSpec, state: AggregationState | None = None) 
     worker = build_model(spec.model, data.input_shape, data.num_classes, seed=spec.data.seed)
     params = get_params(model)
     pipeline = AggregationPipeline(spec, params)
+    attack = ClientAttack(spec)  # what an attacking worker does to its update (sign flip, scaled, noise, replay)
     state = state or AggregationState()
     opt = ServerOptimizerState()
     result = ExperimentResult(attackers=tuple(sorted(pipeline.attackers)))
@@ -49,7 +50,7 @@ def run_experiment(spec: FederationSpec, state: AggregationState | None = None) 
             seed = zlib.crc32(f"{spec.data.seed}:{rnd}:{client_id}".encode())
             res = train_local(worker, local, spec.training, seed=seed,
                               global_params=params if spec.training.proximalMu > 0 else None)
-            agg.add(client_id, get_params(worker), float(res.num_samples))
+            agg.add(client_id, attack.apply(client_id, rnd, get_params(worker), params), float(res.num_samples))
         outcome = agg.finish(state)
         state = outcome.state
         params, opt = server_update(params, outcome.aggregate, spec.aggregation.serverOptimizer, opt)

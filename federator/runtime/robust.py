@@ -396,3 +396,38 @@ def max_byzantine(rule: str, n: int, bucket_size: int | None = None, **params: o
             raise ValueError(f"bucket_size must be >= 1, got {bucket_size}")
         n = math.ceil(n / bucket_size)
     return int(RULES[rule].tolerated(n, **params))
+
+
+# --- nearest-neighbour mixing (a pre-step before any rule) -----------------------------------------------
+
+
+def nnm(x: torch.Tensor, f: int) -> torch.Tensor:
+    """Nearest-neighbour mixing (Allouah et al. 2023, "Fixing by Mixing"): a new ``(n, d)`` tensor.
+
+    Row i becomes the mean of the ``n - f`` rows nearest to row i in Euclidean distance, itself included
+    (always first, whatever ties). The neighbours come from one Gram matrix (``_gram``, re-centred where
+    float32 cancellation would cost precision) and the mixing is one ``(n, n) @ (n, d)`` product: x is read
+    twice, and no ``(n, n - f, d)`` gather is built. Ties between other rows go to the lower row index.
+    """
+    n, _ = check_stack(x)
+    if not 0 <= f < n:
+        raise ValueError(f"nnm needs 0 <= f < n (each row keeps n - f >= 1 neighbours); got n={n}, f={f}")
+    k = n - f
+    dist = pairwise_sq_distances(x)
+    dist.fill_diagonal_(-1.0)  # a row is its own nearest neighbour, even among duplicates
+    neighbours = torch.sort(dist, dim=1, stable=True).indices[:, :k]
+    mix = torch.zeros(n, n, dtype=x.dtype, device=x.device)
+    mix.scatter_(1, neighbours.to(x.device), 1.0 / k)
+    return mix @ x
+
+
+def nnm_tolerance(rule: str, n: int, f: int | None = None, **params: object) -> int:
+    """How many Byzantine inputs among ``n`` the rule tolerates after NNM with parameter ``f``.
+
+    NNM keeps the rule's tolerance (Allouah et al. 2023: an (f, kappa)-robust rule composed with NNM is
+    (f, kappa')-robust, for f < n/2), so: the rule's own ``max_byzantine``, at most f < n/2,
+    and at most NNM's ``f`` when it is given (each honest row mixes n - f rows: more Byzantine rows than f
+    can fill a whole neighbourhood).
+    """
+    tol = min(max_byzantine(rule, n, None, **params), _half(n))
+    return tol if f is None else min(tol, f)

@@ -181,6 +181,8 @@ BAD_FEDERATIONS = [
     ("spec.compression", {"uplink": {"topK": 0.01, "errorFeedback": True,
                                      "residuals": {"persistentVolumeClaim": "rwx", "sizeLimit": "1Gi"}}},
      ".spec.compression.uplink.residuals.sizeLimit", "sizeLimit is the emptyDir's"),
+    ("spec.aggregation", {"rule": "median", "nnm": {}, "bucketing": {"size": 2}}, ".spec.aggregation.nnm",
+     "nnm and bucketing are two remedies for the same problem"),
 ]
 
 
@@ -256,8 +258,8 @@ def test_every_model_validator_declares_its_cel_twin() -> None:
 def test_every_cel_rule_is_generated_into_the_crd_and_has_a_bad_example() -> None:
     """Each declared rule lands in the CRD, and the tables above run it through both CEL and pydantic."""
     declared = [r for cls in all_models() for r in rules_of(cls)]
-    assert len(declared) == 13  # perRound, minPerRound, minReplicas, ports, path, silo volume; byzantine: 4;
-    # compression: errorFeedback, residuals need errorFeedback, sizeLimit only for the emptyDir
+    assert len(declared) == 14  # perRound, minPerRound, minReplicas, ports, path, silo volume; byzantine: 4;
+    # compression: errorFeedback, residuals need errorFeedback, emptyDir-only sizeLimit; aggregation: nnm or bucketing
     generated = [v for _, node in _walk(crd_schema(federation_crd())) + _walk(crd_schema(federated_client_crd()))
                  for v in node.get("x-kubernetes-validations", [])]
     examples = [m for *_, m in BAD_FEDERATIONS] + ["minPerRound must be <= perRound (perRound defaults to count)",

@@ -2,19 +2,19 @@
 
     accepted update (decoded, checked by the server)
       -> per-update stages (norm clipping)                      stages.py
-      -> [buffered] attack simulation (experiments only)        attacks.py
+      -> [buffered] ALIE / IPM simulation (experiments only)    attacks.py
       -> [buffered] scoring, exclusion of flagged updates       byzantine.score_updates
-      -> [buffered] bucketing                                   robust.bucketing
+      -> [buffered] bucketing or nearest-neighbour mixing       robust.bucketing, robust.nnm
       -> the round's rule (registry)                            rules.py
       -> post stages: the server optimizer                      server_optimizer.py
 
-FedAvg without scoring or an attack streams: each update is added to a FedAvgAccumulator as it arrives and
-the round holds O(model) memory. Anything that needs every update of the round (a robust rule, detection,
-ALIE/IPM) buffers the round's updates as differences to the global model, one float32 row each:
+FedAvg without scoring, NNM or a server-simulated attack streams: each update is added to a FedAvgAccumulator
+as it arrives and the round holds O(model) memory. Anything that needs every update of the round (a robust
+rule, NNM, detection, ALIE/IPM) buffers the round's updates as differences to the global model, one float32 row each:
 n x d x 4 bytes for n updates of a d-parameter model, checked against `aggregation.maxBufferBytes`.
 
-State kept across rounds (centered clipping's reference, reputations, replay attackers' stored updates) is
-the explicit `AggregationState`: passed in, returned anew, and checkpointed by the server.
+State kept across rounds (centered clipping's reference, reputations) is the explicit `AggregationState`:
+passed in, returned anew, and checkpointed by the server.
 """
 
 from __future__ import annotations
@@ -52,14 +52,12 @@ class AggregationState:
 
     reference: torch.Tensor | None = None  # centered clipping: last round's aggregate update
     reputation: byzantine.ReputationState = field(default_factory=byzantine.ReputationState)
-    replay: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for the checkpoint (torch.load(weights_only=True) reads it back)."""
         return {
             "reference": None if self.reference is None else self.reference.detach().clone(),
             "reputation": self.reputation.to_dict(),
-            "replay": {k: v.detach().clone() for k, v in self.replay.items()},
         }
 
     @classmethod
@@ -67,11 +65,10 @@ class AggregationState:
         ref = d.get("reference")
         if ref is not None and not isinstance(ref, torch.Tensor):
             raise ValueError("aggregation state: reference must be a tensor or None")
-        rep = d.get("reputation")
+        rep = d.get("reputation")  # a "replay" entry (checkpoints from before replay moved to the clients) is ignored
         return cls(
             reference=None if ref is None else ref.clone(),
             reputation=byzantine.ReputationState.from_dict(rep) if rep else byzantine.ReputationState(),
-            replay={str(k): v.clone() for k, v in dict(d.get("replay") or {}).items()},
         )
 
 
@@ -224,11 +221,10 @@ class BufferedRound(RoundAggregator):
         block = self.buffer[rows[0]:rows[0] + len(rows)] if contiguous else self.buffer[rows]
         x = apply_stages(p.stages, block)
         weights = torch.tensor([self.weights[j] for j in order], dtype=torch.float64)
-        new_state = AggregationState(state.reference, state.reputation, dict(state.replay))
+        new_state = AggregationState(state.reference, state.reputation)
         attack = spec.byzantine.attack
         if attack is not None and p.attackers:
-            gen = torch.Generator().manual_seed(_seed(attack.seed, self.round, 1))
-            x, new_state.replay = attack_rows(x, clients, p.attackers, attack, state.replay, gen)
+            x = attack_rows(x, clients, p.attackers, attack)
         f = expected_byzantine(spec.byzantine.expectedFraction, self.count)
 
         result = RoundResult(aggregate={}, state=new_state)
@@ -260,6 +256,9 @@ class BufferedRound(RoundAggregator):
             gen = torch.Generator().manual_seed(_seed(spec.data.seed, self.round, 2))
             x = robust.bucketing(x, spec.aggregation.bucketing.size, gen)
             weights = torch.ones(x.shape[0], dtype=torch.float64)
+        if spec.aggregation.nnm is not None:  # each row keeps its weight: mixed row i is centred on client i
+            f_nnm = spec.aggregation.nnm.f if spec.aggregation.nnm.f is not None else f
+            x = robust.nnm(x, max(0, min(f_nnm, x.shape[0] - 1)))
         ctx = RuleContext(spec.aggregation, f, weights, state.reference)
         delta = p.rule.kernel(x, ctx).to(torch.float32)
         if p.rule.keeps_reference:
