@@ -27,7 +27,8 @@ import torch
 
 # Columns per sorted tile: n * _SORT_COLUMNS float32 values (1.6 MiB at n = 100) while transposed and sorted.
 _SORT_COLUMNS = 4096
-# Scratch per network tile (n + 1 rows of W floats), sized to stay in a core's L2 cache.
+# Scratch per network tile (n + 1 rows of W floats): in L3; measured faster than L2-sized tiles, whose
+# rows are too short to amortise the cost of a torch call.
 _NETWORK_BYTES = 4 << 20
 # Use the network while it costs at most this many min/max passes per value (2 * comparators / n):
 # measured crossover against the sort path on one thread (n = 32 to 40).
@@ -38,6 +39,7 @@ _NETWORK_MAX_N = 64
 
 def middle_mean(x: torch.Tensor, k: int) -> torch.Tensor:
     """(d,) mean of the sorted values at positions ``k .. n-k-1`` of each column of ``x`` (n, d)."""
+    x = x.detach()
     n, _ = x.shape
     if not 0 <= 2 * k < n:
         raise ValueError(f"k must satisfy 0 <= 2k < n={n}, got k={k}")

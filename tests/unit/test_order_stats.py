@@ -114,3 +114,11 @@ def test_pruning_removes_comparators_inside_a_group() -> None:
 def test_bad_k_is_named() -> None:
     with pytest.raises(ValueError, match=r"0 <= 2k < n=4, got k=2"):
         middle_mean(torch.zeros(4, 3), 2)
+
+
+@pytest.mark.parametrize("n", [10, 100])  # the network and the sort path
+def test_input_that_requires_grad_is_read_like_any_other(n: int) -> None:
+    x = hostile(n, 30, seed=7).requires_grad_()
+    k = n // 4
+    want = ref_middle_mean(x.detach().double().numpy(), k)
+    np.testing.assert_allclose(middle_mean(x, k).double().numpy(), want, rtol=1e-6, atol=1e-6)
