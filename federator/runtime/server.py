@@ -19,7 +19,6 @@ import secrets
 import signal
 import threading
 import time
-from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -67,6 +66,7 @@ from federator.runtime.normalization import (
 )
 from federator.runtime.proto import federator_pb2 as pb
 from federator.runtime.proto import federator_pb2_grpc as pb_grpc
+from federator.runtime.scheduler import Dispatcher, Task, TaskBook, WorkerInfo
 from federator.runtime.statelock import StateDirLocked, lock_state_dir
 from federator.runtime.traffic import DIRECTIONS, Traffic
 from federator.runtime.training import Params, evaluate, get_params, set_params
@@ -88,34 +88,8 @@ CHECKPOINT_FILE = "checkpoint.pt"
 # long-poll open: the pool must exceed the workers, or heartbeats queue behind long-polls and workers are
 # dropped as dead. Threads start on demand, so an idle pool costs nothing (benchmarks/scale.py).
 GRPC_THREADS = int(os.environ.get("FEDERATOR_GRPC_THREADS", "1100"))
-REAP_EVERY = 0.2  # seconds between scans for workers that stopped beating
-MAX_TASK_ATTEMPTS = 3
 MiB = 1 << 20
 SERVICE = "federator.v1.Federator"
-
-
-@dataclass
-class Task:
-    task_id: str
-    round: int
-    client_id: str
-    silo: str | None
-    version: int
-    state: str = "queued"  # queued | assigned | done | dropped | cancelled
-    worker_id: str | None = None
-    attempts: int = 0
-    leases: int = 0  # how many times it was handed out: a late rejection must not requeue a newer lease
-
-
-@dataclass
-class WorkerInfo:
-    worker_id: str
-    name: str
-    silo: str | None
-    silo_samples: int
-    last_seen: float
-    task_id: str | None = None
-    long_polls: int = 0  # GetTask calls of this worker parked in next_task
 
 
 @dataclass
@@ -209,12 +183,7 @@ class FederationServer:
 
         lock = threading.RLock()
         self._cond = threading.Condition(lock)  # round bookkeeping changed (updates, joins, drops)
-        self._task_ready = threading.Condition(lock)  # tasks queued or the federation ended: wakes GetTask
-        self._next_reap = 0.0
-        self.long_polls = 0
         self._stopping = threading.Event()
-        self.workers: dict[str, WorkerInfo] = {}
-        self.queue: deque[str] = deque()
         self.current: RoundState | None = None
         self.silo_stats: dict[str, dict[str, Any]] = {}
         self.silo_features: dict[str, FeatureStats] = {}  # silo -> its feature statistics (data.normalize)
@@ -229,6 +198,9 @@ class FederationServer:
         self.traffic = Traffic(self._m["bytes_sent"], self._m["bytes_received"],
                                {d: self.metrics.compression_ratio.labels(**lv, direction=d) for d in DIRECTIONS})
         self._series: set[str] = set()  # simulated clients with their own anomaly-score series
+        # task queue and leases (scheduler.py); every call into them holds the lock
+        self.book = TaskBook(on_pending=self._m["pending_tasks"].set)
+        self.dispatch = Dispatcher(self.book, lock, self._over, self.dead_after)
         self._m["round"].set(self.completed)
         if self.history:
             self._m["accuracy"].set(self.history[-1]["accuracy"])
@@ -249,6 +221,17 @@ class FederationServer:
         self._http = StatusHTTPServer(host, metrics_port, self.metrics.registry, self.status,
                                       healthy=lambda: self.phase != "Failed")
         self.metrics_port = self._http.port
+
+    @property
+    def workers(self) -> dict[str, WorkerInfo]:
+        return self.book.workers
+
+    @property
+    def long_polls(self) -> int:
+        return self.dispatch.long_polls
+
+    def _over(self) -> bool:
+        return self.phase in ("Succeeded", "Failed") or self._stopping.is_set()
 
     # ------------------------------------------------------------------------------------ lifecycle
 
@@ -295,7 +278,7 @@ class FederationServer:
         self._stopping.set()
         with self._cond:
             self._cond.notify_all()
-            self._task_ready.notify_all()
+            self.dispatch.wake()
         self._grpc.stop(grace).wait()
         self._http.stop()
 
@@ -325,7 +308,7 @@ class FederationServer:
         finally:
             with self._cond:
                 self._cond.notify_all()
-                self._task_ready.notify_all()
+                self.dispatch.wake()
 
     def _wait_for_clients(self) -> bool:
         while not self._stopping.is_set():
@@ -373,11 +356,9 @@ class FederationServer:
             self.current = RoundState(rnd, attempt, time.time(), tasks,
                                       self.pipeline.begin_round(rnd, self.params, len(tasks),
                                                                 [t.client_id for t in tasks.values()]))
-            self.queue.clear()
-            self.queue.extend(tasks)
-            self._m["pending_tasks"].set(len(self.queue))
+            self.book.start_round(tasks)
             self._cond.notify_all()
-            self._task_ready.notify_all()
+            self.dispatch.wake()
             deadline = time.monotonic() + self.spec.clients.roundTimeoutSeconds
             cur = self.current
             order, first_open = list(tasks.values()), 0  # done, dropped, cancelled are final: scan once
@@ -392,11 +373,7 @@ class FederationServer:
                 self._cond.wait(min(0.25, remaining))
                 self._reap_dead_workers()
             cur.closed = True
-            for t in tasks.values():
-                if t.state in ("queued", "assigned"):
-                    t.state = "cancelled"
-            self.queue.clear()
-            self._m["pending_tasks"].set(0)
+            self.book.close_round()
             accepted = cur.accepted
         if accepted < self.spec.clients.min_per_round or accepted == 0:
             return accepted
@@ -436,6 +413,7 @@ class FederationServer:
             self.version = step.version
             self.downlink.commit(step)
             self.current = None
+            self.book.end_round()
         self._m["round"].set(rnd)
         self._m["rounds_total"].inc()
         self._m["round_duration"].observe(record["round_seconds"])
@@ -625,7 +603,7 @@ class FederationServer:
             "byzantine": last.get("byzantine"),
             "compressionRatio": self.traffic.ratios()["uplink"],
             "compression": self.compression_document(),
-            "pendingTasks": len(self.queue),
+            "pendingTasks": self.book.pending(),
             "message": self.message,
             "warning": self.warning,
             "normalize": self.normalizer.mode if self.normalizer is not None else "none",
@@ -640,32 +618,20 @@ class FederationServer:
 
     def _reap_dead_workers(self) -> None:
         """Forget workers that stopped beating and requeue their tasks (caller holds the lock)."""
-        now = time.monotonic()
-        if now < self._next_reap:  # called on every wake-up of the round loop: scan at most every REAP_EVERY
-            return
-        self._next_reap = now + REAP_EVERY
-        for wid, w in list(self.workers.items()):
-            # a worker parked in GetTask holds no task (asking gave it up) and returns within 10 s: its
-            # heartbeats, late when the server is busy, need not keep it alive meanwhile
-            if now - w.last_seen > self.dead_after and w.long_polls == 0:
-                log.warning("worker %s (%s) stopped responding; requeueing its task", w.name, wid)
-                self._drop_worker(wid)
+        for wid in self.dispatch.reap_due():
+            w = self.workers[wid]
+            log.warning("worker %s (%s) stopped responding; requeueing its task", w.name, wid)
+            self._drop_worker(wid)
 
     def _drop_worker(self, wid: str) -> None:
-        w = self.workers.pop(wid, None)
+        w = self.book.drop_worker(wid)
         if w is None:
             return
-        if w.task_id and self.current:
-            t = self.current.tasks.get(w.task_id)
-            if t is not None and t.state == "assigned" and t.worker_id == wid:
-                t.state, t.worker_id = "queued", None
-                self.queue.appendleft(t.task_id)
-                self._m["pending_tasks"].set(len(self.queue))
         if w.silo and w.silo in self.silo_stats:
             self.silo_stats[w.silo]["joined"] = False
         self._m["clients_connected"].set(len(self.workers))
         self._cond.notify_all()
-        self._task_ready.notify_all()
+        self.dispatch.wake()
 
     def check_token(self, token: str, silo: str | None = None) -> bool:
         if silo:
@@ -686,7 +652,7 @@ class FederationServer:
         with self._cond:
             wid = secrets.token_hex(6)
             w = WorkerInfo(wid, req.worker_name or wid, silo, int(req.silo_samples), time.monotonic())
-            self.workers[wid] = w
+            self.book.add_worker(w)
             if silo:
                 self.silo_stats.setdefault(silo, {"joined": True, "roundsParticipated": 0,
                                                   "lastUpdateTime": None, "flagged": False})["joined"] = True
@@ -702,65 +668,15 @@ class FederationServer:
 
     def next_task(self, w: WorkerInfo, wait: float) -> Task | str:
         """Assign the next task this worker may take; 'stop' when the federation is over, 'none' if idle."""
-        deadline = time.monotonic() + max(0.0, min(wait, 10.0))
-        with self._cond:
-            while True:
-                w.last_seen = time.monotonic()
-                if self.phase in ("Succeeded", "Failed") or self._stopping.is_set():
-                    return "stop"
-                if w.worker_id not in self.workers:
-                    return "gone"
-                task = self._take_task(w)
-                if task is not None:
-                    return task
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return "none"
-                self.long_polls += 1  # GetTask calls parked here, each holding one gRPC thread
-                w.long_polls += 1
-                try:
-                    self._task_ready.wait(remaining)
-                finally:
-                    self.long_polls -= 1
-                    w.long_polls -= 1
-
-    def _take_task(self, w: WorkerInfo) -> Task | None:
-        if self.current is None or self.current.closed:
-            return None
-        if w.task_id is not None:
-            # a worker runs one task at a time: asking for another means it gave up the one it held
-            held = self.current.tasks.get(w.task_id)
-            if held is not None and held.state == "assigned" and held.worker_id == w.worker_id:
-                held.state, held.worker_id = "queued", None
-                self.queue.append(held.task_id)
-            w.task_id = None
-        for tid in self.queue:
-            t = self.current.tasks[tid]
-            if t.silo == w.silo:  # workers take simulated clients, a silo only its own task
-                self.queue.remove(tid)
-                t.state, t.worker_id = "assigned", w.worker_id
-                t.leases += 1
-                w.task_id = tid
-                self._m["pending_tasks"].set(len(self.queue))
-                return t
-        return None
+        return self.dispatch.next_task(w, wait)
 
     def reject(self, reason: str, detail: str, task: Task | None = None, late: bool = False,
                lease: int | None = None) -> pb.SubmitReply:
         if task is not None:
             with self._cond:
-                same_lease = lease is None or lease == task.leases
-                if (same_lease and task.state == "assigned" and self.current
-                        and task.task_id in self.current.tasks):
-                    task.attempts += 1
-                    if task.attempts >= MAX_TASK_ATTEMPTS:
-                        task.state = "dropped"
-                    else:
-                        task.state, task.worker_id = "queued", None
-                        self.queue.append(task.task_id)
-                    self._m["pending_tasks"].set(len(self.queue))
+                if self.book.retry(task, lease):
                     self._cond.notify_all()
-                    self._task_ready.notify_all()
+                    self.dispatch.wake()
         self.metrics.updates.labels(**self._lv, outcome="late" if late else "rejected").inc()
         self.metrics.rejections.labels(**self._lv, reason=reason).inc()
         log.warning("update rejected (%s): %s", reason, detail)
@@ -846,8 +762,7 @@ class FederationServer:
                 return pb.SubmitReply(accepted=False, reason="late", detail="the round closed before the update")
             cur.aggregator.add(task.client_id, params, float(h.num_samples))
             cur.accepted += 1
-            task.state = "done"
-            w.task_id = None
+            self.book.accept(task, w)
             cur.train_seconds[w.worker_id] = cur.train_seconds.get(w.worker_id, 0.0) + max(0.0, h.train_seconds)
             if w.silo:
                 s = self.silo_stats[w.silo]
@@ -881,10 +796,7 @@ class FederationServer:
             if w is None:
                 return pb.HeartbeatReply(known=False, task_valid=False)
             w.last_seen = time.monotonic()
-            valid = False
-            if req.task_id and self.current:
-                t = self.current.tasks.get(req.task_id)
-                valid = t is not None and t.state == "assigned" and t.worker_id == w.worker_id
+            valid = bool(req.task_id) and self.book.holds(w, req.task_id)
             return pb.HeartbeatReply(known=True, task_valid=valid)
 
     def leave(self, req: pb.LeaveRequest) -> None:
