@@ -19,20 +19,21 @@ Speed: each kernel is a few large torch operations (BLAS matrix products, whole-
 than a loop of small ones: on a busy machine every OpenMP parallel region can wait a scheduler time slice
 for a descheduled thread, so hundreds of small regions cost seconds. Where a rule needs a temporary of x's
 size (a translated copy for the Gram matrix) it works on column blocks of at most ``_BLOCK_BYTES``;
-median and trimmed mean sort with numpy on worker threads, outside OpenMP.
+median and trimmed mean are ``order_stats.middle_mean`` (a sorting network for small n, numpy's
+vectorised sort on transposed tiles otherwise).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
-# Columns per sorted block: n * _CHUNK float32 values (1.6 MiB at n = 100) stay in L2 while sorted.
+from federator.runtime.order_stats import middle_mean
+
+# Default columns per block of ``_blocks``.
 _CHUNK = 4096
 # Scratch per translated block of the Gram matrix.
 _BLOCK_BYTES = 32 << 20
@@ -76,42 +77,10 @@ def fedavg(x: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor
     return coef @ x  # one matrix-vector product: faster than x.mean(dim=0) on CPU
 
 
-def _sorted_columns(x: torch.Tensor, reduce: Callable[[np.ndarray], np.ndarray]) -> torch.Tensor:
-    """``reduce`` applied to column blocks of x whose coordinates are sorted: ``(c, n)`` in, ``(c,)`` out.
-
-    numpy's sort is vectorised (AVX-512/AVX2 sorting networks for short rows) and about five times
-    faster than torch.sort, torch.kthvalue or torch.topk on rows of ~100 values; it releases the GIL,
-    so blocks are sorted on ``torch.get_num_threads()`` threads.
-    """
-    if x.dtype not in (torch.float32, torch.float64):  # numpy has no bfloat16; half is slow there
-        return _sorted_columns(x.float(), reduce).to(x.dtype)
-    d = x.shape[1]
-    xn = x.detach().cpu().numpy()
-    out = np.empty(d, dtype=xn.dtype)
-
-    def work(cols: slice) -> None:
-        block = np.ascontiguousarray(xn[:, cols].T)  # (c, n): each coordinate's n values contiguous
-        block.sort(axis=1)
-        out[cols] = reduce(block)
-
-    blocks = list(_blocks(d))
-    threads = min(torch.get_num_threads(), len(blocks))
-    if threads <= 1:
-        for cols in blocks:
-            work(cols)
-    else:
-        with ThreadPoolExecutor(threads) as pool:
-            list(pool.map(work, blocks))
-    return torch.from_numpy(out).to(x.device)
-
-
 def coordinate_median(x: torch.Tensor) -> torch.Tensor:
     """Per-coordinate median; for even n the mean of the two middle values (as ``numpy.median``)."""
     n, _ = check_stack(x)
-    lo, hi = (n - 1) // 2, n // 2
-    if lo == hi:
-        return _sorted_columns(x, lambda srt: srt[:, lo])
-    return _sorted_columns(x, lambda srt: (srt[:, lo] + srt[:, hi]) * 0.5)
+    return middle_mean(x, (n - 1) // 2)  # the one or two middle values
 
 
 def trimmed_mean(x: torch.Tensor, trim_fraction: float) -> torch.Tensor:
@@ -122,9 +91,8 @@ def trimmed_mean(x: torch.Tensor, trim_fraction: float) -> torch.Tensor:
     k = math.floor(trim_fraction * n)
     if k == 0:
         return fedavg(x)
-    keep = n - 2 * k
     # float32 sums suffice: the trimmed values are gone, so no large value cancels
-    return _sorted_columns(x, lambda srt: srt[:, k : n - k].sum(axis=1) / keep)
+    return middle_mean(x, k)
 
 
 # Relative rounding error to assume for a float32 dot product over d terms: unit roundoff * sqrt(d).
@@ -265,11 +233,14 @@ def centered_clipping(x: torch.Tensor, reference: torch.Tensor, tau: float, iter
         raise ValueError(f"iterations must be >= 1, got {iterations}")
     v = reference.to(dtype=x.dtype, device=x.device)
     row_sq = torch.linalg.vector_norm(x, dim=1).to(torch.float64).square()
+    zero = not bool(v.any())  # the first round: the distances are the row norms, no x @ v pass
     for _ in range(iterations):
-        dist = _distances_to(x, row_sq, v)
+        dist = row_sq.sqrt() if zero else _distances_to(x, row_sq, v)
         scale = torch.clamp(tau / dist.clamp(min=1e-30), max=1.0)
+        coef = (scale / n).to(x.dtype)
         # v + mean_i s_i (x_i - v) = (1 - mean_i s_i) v + sum_i (s_i / n) x_i: one matrix-vector product
-        v = torch.addmv(v, x.t(), (scale / n).to(x.dtype), beta=float(1.0 - scale.sum() / n))
+        v = coef @ x if zero else torch.addmv(v, x.t(), coef, beta=float(1.0 - scale.sum() / n))
+        zero = False
     return v
 
 

@@ -140,12 +140,27 @@ def test_geometric_median_is_the_median_in_one_dimension() -> None:
 
 @pytest.mark.parametrize(("n", "d", "f"), SHAPES)
 @pytest.mark.parametrize(("tau", "iterations"), [(0.5, 1), (3.0, 3)])
-def test_centered_clipping_matches_reference(n: int, d: int, f: int, tau: float, iterations: int) -> None:
+@pytest.mark.parametrize("start", ["random", "zero"])
+def test_centered_clipping_matches_reference(n: int, d: int, f: int, tau: float, iterations: int, start: str) -> None:
     x = stack(n, d, 6)
-    ref = torch.randn(d, generator=torch.Generator().manual_seed(7))
+    ref = torch.randn(d, generator=torch.Generator().manual_seed(7)) if start == "random" else torch.zeros(d)
     got = robust.centered_clipping(x, ref, tau, iterations)
     want = ref_centered_clipping(x.double().numpy(), ref.double().numpy(), tau, iterations)
     close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_centered_clipping_from_zero_keeps_zero_rows_and_short_rows() -> None:
+    """The first round (reference 0) takes its distances from the row norms: a zero row and rows
+    shorter than tau count in full, long ones are clipped to tau."""
+    x = stack(6, 40, 13)
+    x[0] = 0.0
+    x[1] *= 1e-3
+    x[2] *= 1e4
+    tau = float(x[3].norm())
+    want = ref_centered_clipping(x.double().numpy(), np.zeros(40), tau, 1)
+    close(robust.centered_clipping(x, torch.zeros(40), tau, 1), want, rtol=1e-5, atol=1e-5)
+    close(robust.centered_clipping(x, torch.zeros(40, dtype=torch.float64), tau, 2),
+          ref_centered_clipping(x.double().numpy(), np.zeros(40), tau, 2), rtol=1e-5, atol=1e-5)
 
 
 def test_centered_clipping_state_passes_from_round_to_round() -> None:
