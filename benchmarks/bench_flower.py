@@ -864,8 +864,9 @@ def render(workloads: list[Workload], env: dict[str, Any], elapsed: float) -> st
         "split, partition and initial weights (same seed, same layer order).",
         "",
         "* **Federator**: `federator run MANIFEST --out DIR --quiet`: one server and the manifest's 2 worker "
-        "processes (each trains the tasks of the simulated clients it pulls, one at a time) over gRPC on "
-        "127.0.0.1; numbers from `DIR/metrics.json`.",
+        "processes over gRPC on 127.0.0.1 (each takes a batch of its fair share of a round's tasks at once, "
+        "the model sent once, trains them one after another and uploads each update while it trains the "
+        "next: `docs/scaling.md`, batches and leases); numbers from `DIR/metrics.json`.",
         "* **Flower**: its deployment runtime. `flower-superlink --insecure` on 127.0.0.1, then one "
         "`flower-supernode --insecure` per client (10 SuperNodes; `--node-config partition-id=i "
         "num-partitions=10`), then `flwr run benchmarks/flower-app` "

@@ -1,8 +1,9 @@
 """A client worker: joins the server, pulls training tasks, trains locally with PyTorch, streams updates back.
 
-A worker of simulated clients trains whichever partition its task names (one task at a time); a silo
-client (`--silo NAME --data PATH`) trains only its own data. Both survive a server restart: every RPC
-failure leads back to joining again, with exponential backoff.
+A worker of simulated clients takes a batch of tasks of one round at a time (its fair share, at most
+BATCH_TASKS, the model downloaded once) and trains them one after another, uploading each update while it
+trains the next; a silo client (`--silo NAME --data PATH`) trains only its own data. Both survive a server
+restart: every RPC failure leads back to joining again, with exponential backoff.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ import socket
 import threading
 import time
 import zlib
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +45,7 @@ from federator.runtime.training import Params, get_params, set_params, train_loc
 from federator.runtime.transport import (
     RECONNECT_BACKOFF_MAX,
     BlobAssembler,
+    Encoded,
     Rejected,
     encode,
     layout_from_specs,
@@ -53,10 +57,27 @@ from federator.tokens import read_client_token
 log = logging.getLogger("federator.client")
 
 MiB = 1 << 20
+BATCH_TASKS = 16  # the most tasks a worker asks for at once (the server gives at most its fair share)
+# updates trained but not yet uploaded a worker may keep, beyond the one in flight (a small model's
+# whole batch; one update of a model over 64 MiB)
+UPLOAD_BUFFER_BYTES = 64 * MiB
+# an upload refused for one of these reasons ends the batch: the worker, its round or its model is gone
+ENDS_BATCH = frozenset({"unknown_worker", "bad_token", "wrong_round", "stale_version"})
 
 
 class Rejoin(Exception):
     """The server no longer knows this worker (it restarted, or dropped us): join again."""
+
+
+@dataclass
+class Prepared:
+    """A trained update, ready to upload."""
+
+    client_id: str
+    round: int
+    header: pb.UpdateHeader
+    encoded: Encoded
+    residual: np.ndarray | None
 
 
 @dataclass
@@ -107,7 +128,7 @@ class Worker:
                  silo: str | None = None, silo_data: ArrayDataset | None = None,
                  metrics: ClientMetrics | None = None, reconnect_seconds: float = 600.0,
                  tls_ca: bytes | None = None, tls_server_name: str | None = None,
-                 residual_dir: Path | None = None) -> None:
+                 residual_dir: Path | None = None, batch_tasks: int = BATCH_TASKS) -> None:
         self.fed = fed
         self.spec = fed.spec
         self.server = server
@@ -126,8 +147,11 @@ class Worker:
         self.attack = ClientAttack(self.spec, residual_dir, fed.metadata.name)  # byzantine.attack: experiments only
         self._normalized: tuple[Normalizer, ArrayDataset] | None = None  # the local data, normalised
         self._task_id = ""
+        self._revoked: set[str] = set()  # tasks of the current batch the server gave to an idle worker
         self._stop = threading.Event()
         self.tasks_done = 0
+        self.batch_tasks = max(1, batch_tasks)
+        self._uploader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="upload")
         options: list[tuple[str, Any]] = list(grpc_channel_options(self.spec.server.maxMessageMiB))
         if tls_ca is not None:
             if tls_server_name:
@@ -141,6 +165,7 @@ class Worker:
 
     def close(self) -> None:
         self._stop.set()
+        self._uploader.shutdown(wait=True)  # no upload may be in flight when the channel closes
         self._channel.close()
 
     # ------------------------------------------------------------------------------------ main loop
@@ -229,7 +254,7 @@ class Worker:
                     return True
                 if header.kind == pb.TaskHeader.NONE:
                     continue
-                self._run_task(joined, header, params)
+                self._run_batch(joined, header, params, forgotten)
             return False
         finally:
             beat_stop.set()
@@ -243,12 +268,14 @@ class Worker:
                 if not reply.known:
                     forgotten.set()
                     return
+                self._revoked.update(reply.revoked)
             except grpc.RpcError:
                 continue  # the main loop notices an unreachable server on its own calls
 
     def _get_task(self, joined: Joined, have_version: int) -> tuple[pb.TaskHeader, Params | None]:
         stream = self._calls.get_task(pb.TaskRequest(token=self.token, worker_id=joined.worker_id,
-                                                     have_version=have_version, wait_seconds=5.0), timeout=60)
+                                                     have_version=have_version, wait_seconds=5.0,
+                                                     max_tasks=self.batch_tasks), timeout=60)
         header = pb.TaskMessage.FromString(next(stream)).header
         if header.kind != pb.TaskHeader.TRAIN or not header.weights_included:
             for _ in stream:
@@ -302,49 +329,86 @@ class Worker:
             self._model = build_model(self.spec.model, joined.input_shape, joined.num_classes, seed=self.spec.data.seed)
         return self._model
 
-    def _run_task(self, joined: Joined, header: pb.TaskHeader, params: Params | None) -> None:
+    def _run_batch(self, joined: Joined, header: pb.TaskHeader, params: Params | None,
+                   forgotten: threading.Event) -> None:
+        """Train the header's task and its batch's `more`, in order; each update is uploaded (one thread,
+        in order) while the next ones train, with at most UPLOAD_BUFFER_BYTES of updates waiting. Stops
+        early when the worker is stopped or forgotten, or a refusal says the rest is useless; the tasks
+        not uploaded are given up by the next GetTask."""
         if params is None:
             if self._cached is None or self._cached[0] != header.version:
                 self._cached = None  # the server thought we had it: ask again with the weights
                 return
             params = self._cached[1]
-        self._task_id = header.task_id
+        self._revoked.clear()
+        batch = [(header.task_id, header.client_id)] + [(m.task_id, m.client_id) for m in header.more]
+        waiting: deque[tuple[Prepared, Future[pb.SubmitReply]]] = deque()
+        go_on = True
+        try:
+            for task_id, client_id in batch:
+                if self._stop.is_set() or forgotten.is_set() or not go_on:
+                    break
+                if task_id in self._revoked:
+                    continue
+                prepared = self._run_task(joined, header, task_id, client_id, params)
+                # settle what has come back; wait only while the buffer is over its bound
+                while waiting and (waiting[0][1].done() or
+                                   sum(p.encoded.total_bytes for p, _ in waiting) > UPLOAD_BUFFER_BYTES):
+                    done, fut = waiting.popleft()
+                    go_on = self._settle(done, fut.result()) and go_on
+                if go_on:
+                    waiting.append((prepared, self._uploader.submit(self._upload, prepared)))
+        finally:
+            self._task_id = ""
+            while waiting:
+                done, fut = waiting.popleft()
+                if not go_on:
+                    fut.cancel()  # not started yet: never sent
+                if not fut.cancelled():
+                    go_on = self._settle(done, fut.result()) and go_on
+
+    def _run_task(self, joined: Joined, header: pb.TaskHeader, task_id: str, client_id: str,
+                  params: Params) -> Prepared:
+        """Train one client of the batch from the global model `params`; returns its encoded update."""
+        self._task_id = task_id
         model = self._build(joined)
         set_params(model, params)
         normalizer = normalizer_from_proto(header.normalization) if header.HasField("normalization") else None
-        data = self._local_data(header.client_id, normalizer)
-        seed = zlib.crc32(f"{self.spec.data.seed}:{header.round}:{header.client_id}".encode())
+        data = self._local_data(client_id, normalizer)
+        seed = zlib.crc32(f"{self.spec.data.seed}:{header.round}:{client_id}".encode())
         result = train_local(model, data, self.spec.training, seed=seed,
                              global_params=params if self.spec.training.proximalMu > 0 else None)
-        self.metrics.train_seconds.labels(client=header.client_id).observe(result.seconds)
-        self.metrics.samples.labels(client=header.client_id).inc(result.num_samples)
-        trained = self.attack.apply(header.client_id, header.round, get_params(model), params)
+        self.metrics.train_seconds.labels(client=client_id).observe(result.seconds)
+        self.metrics.samples.labels(client=client_id).inc(result.num_samples)
+        trained = self.attack.apply(client_id, header.round, get_params(model), params)
         residual = None
         if self.uplink is None:
             enc = encode(trained, joined.chunk_bytes)
         else:
             n = comp.float_count(params)
-            before = self.residuals.get(header.client_id, n) if self.residuals is not None else None
+            before = self.residuals.get(client_id, n) if self.residuals is not None else None
             payload, residual = comp.encode_update(trained, params, self.uplink, before,
                                                    np.random.default_rng(seed))
             enc = encode(comp.payload_tensors(payload), joined.chunk_bytes)
         update_header = pb.UpdateHeader(
-            token=self.token, worker_id=joined.worker_id, task_id=header.task_id, round=header.round,
-            client_id=header.client_id, base_version=header.version, num_samples=result.num_samples,
+            token=self.token, worker_id=joined.worker_id, task_id=task_id, round=header.round,
+            client_id=client_id, base_version=header.version, num_samples=result.num_samples,
             train_loss=result.loss, train_seconds=result.seconds, tensors=list(enc.specs),
             total_bytes=enc.total_bytes, compressed=self.uplink is not None,
         )
+        return Prepared(client_id, header.round, update_header, enc, residual)
 
+    def _upload(self, prepared: Prepared) -> pb.SubmitReply:
         def messages() -> Iterator[pb.UpdateMessage | bytes]:
-            yield pb.UpdateMessage(header=update_header)
-            yield from enc.frames()
+            yield pb.UpdateMessage(header=prepared.header)
+            yield from prepared.encoded.frames()
 
         # written aside before the upload, made the client's residual by a rename once the server took the
         # update (only what the server took moves it on), before the client's next task can be handed out
-        staged = self.residuals.stage(header.client_id, residual) if (
-            self.residuals is not None and residual is not None) else None
+        staged = self.residuals.stage(prepared.client_id, prepared.residual) if (
+            self.residuals is not None and prepared.residual is not None) else None
         try:
-            reply = self._calls.submit(messages(), timeout=600)
+            reply: pb.SubmitReply = self._calls.submit(messages(), timeout=600)
         except BaseException:
             if staged is not None:
                 staged.discard()
@@ -353,13 +417,23 @@ class Worker:
             staged.commit()
         elif staged is not None:
             staged.discard()
-        self._task_id = ""
+        return reply
+
+    def _settle(self, prepared: Prepared, reply: pb.SubmitReply) -> bool:
+        """Book an upload's reply (its residual is already settled by `_upload`); False when the rest of the
+        batch is useless."""
+        self._revoked.update(reply.revoked)
         outcome = "accepted" if reply.accepted else "rejected"
         self.metrics.tasks.labels(outcome=outcome).inc()
         self.tasks_done += 1
-        if not reply.accepted:
-            log.warning("update for %s round %d not accepted: %s %s", header.client_id, header.round,
-                        reply.reason, reply.detail)
+        if reply.accepted:
+            return True
+        if reply.reason == "reassigned":
+            log.info("update for %s round %d not needed: %s", prepared.client_id, prepared.round, reply.detail)
+            return True
+        log.warning("update for %s round %d not accepted: %s %s", prepared.client_id, prepared.round,
+                    reply.reason, reply.detail)
+        return reply.reason not in ENDS_BATCH
 
     def _leave(self, joined: Joined) -> None:
         with contextlib.suppress(grpc.RpcError):

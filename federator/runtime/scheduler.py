@@ -8,15 +8,19 @@ control; it holds the shared lock whenever it calls into either.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 REAP_EVERY = 0.2  # seconds between scans for workers that stopped beating
 MAX_TASK_ATTEMPTS = 3
 MAX_WAIT_SECONDS = 10.0  # the longest a GetTask call is parked
+# an idle worker takes the last task of a worker that holds at least this many: the one it trains and
+# the next stay with it (it may have started the next before it hears of the move)
+STEAL_FROM = 3
 
 
 @dataclass
@@ -39,20 +43,34 @@ class WorkerInfo:
     silo: str | None
     silo_samples: int
     last_seen: float
-    task_id: str | None = None
+    held: list[str] = field(default_factory=list)  # its tasks of the open round, in the order it trains them
+    revoked: set[str] = field(default_factory=set)  # tasks of its batch moved to an idle worker this round
     long_polls: int = 0  # GetTask calls of this worker parked in Dispatcher.next_task
 
 
 class TaskBook:
     """The open round's tasks, the queue of those waiting for a worker, and who holds what.
 
-    Rules: a worker runs one task at a time, and asking for another gives up the one it held; workers of
-    simulated clients take any simulated client's task, a silo only its own; a task handed back by a
-    dropped worker goes to the front of the queue, one given up or rejected to the back.
+    Lease rules:
+    - a worker holds a batch: one task, or up to the `max_tasks` it asked for, bounded by its fair share
+      of the round's open tasks (ceil(open / workers of simulated clients), counting at least
+      `expected_workers`: clients.workers, so the first to join does not take round 1 while the others
+      start), and the first to ask does not take a round's tasks while others wait; it trains them in
+      order and uploads each on its own;
+    - asking again gives up every task still held (to the back of the queue): a worker asks only when
+      its batch is done;
+    - a dropped worker (it left, or stopped beating) hands its tasks to the front of the queue;
+    - a rejected update queues its task again (to the back), until MAX_TASK_ATTEMPTS;
+    - an idle worker with nothing queued for it takes the last task of the worker holding the most, if
+      that one holds at least STEAL_FROM (a straggler keeps at most STEAL_FROM - 1 while others idle); the
+      donor learns it from `revoked` in its next heartbeat or upload reply, and an update it sends anyway
+      is refused as reassigned;
+    - workers of simulated clients take any simulated client's task, a silo only its own.
     `on_pending(n)` is called with the queue's length whenever it changes.
     """
 
-    def __init__(self, on_pending: Callable[[int], None] = lambda n: None) -> None:
+    def __init__(self, on_pending: Callable[[int], None] = lambda n: None, expected_workers: int = 1) -> None:
+        self.expected_workers = expected_workers
         self.workers: dict[str, WorkerInfo] = {}
         self.queue: deque[str] = deque()
         self.tasks: dict[str, Task] = {}
@@ -71,6 +89,9 @@ class TaskBook:
         """Queue every task of a new round (the previous round's are forgotten)."""
         self.tasks = tasks
         self.open = True
+        for w in self.workers.values():
+            w.held.clear()
+            w.revoked.clear()
         self.queue.clear()
         self.queue.extend(tasks)
         self._changed()
@@ -93,30 +114,59 @@ class TaskBook:
 
     # ------------------------------------------------------------------------------------ leases
 
-    def take(self, w: WorkerInfo) -> Task | None:
-        """Assign `w` the next task it may take (giving up the one it held), or None."""
+    def take(self, w: WorkerInfo, max_tasks: int = 1) -> list[Task]:
+        """Give up what `w` held and assign it its next batch (empty: nothing for it now)."""
         if not self.open:
-            return None
+            return []
         self._give_up(w)
+        want = self._share(w, max_tasks)
+        picked: list[str] = []
         for tid in self.queue:
+            if self.tasks[tid].silo == w.silo:
+                picked.append(tid)
+                if len(picked) == want:
+                    break
+        for tid in picked:
+            self.queue.remove(tid)
+        if picked:
+            self._changed()
+        elif w.silo is None:
+            stolen = self._steal()
+            if stolen is not None:
+                picked.append(stolen)
+        for tid in picked:
             t = self.tasks[tid]
-            if t.silo == w.silo:
-                self.queue.remove(tid)
-                t.state, t.worker_id = "assigned", w.worker_id
-                t.leases += 1
-                w.task_id = tid
-                self._changed()
-                return t
-        return None
+            t.state, t.worker_id = "assigned", w.worker_id
+            t.leases += 1
+            w.held.append(tid)
+        return [self.tasks[tid] for tid in picked]
+
+    def _share(self, w: WorkerInfo, max_tasks: int) -> int:
+        """How many tasks `w` may take now: its fair share of the open tasks, at least 1."""
+        if max_tasks <= 1 or w.silo is not None:
+            return 1
+        peers = max(self.expected_workers, sum(1 for x in self.workers.values() if x.silo is None), 1)
+        open_tasks = sum(1 for t in self.tasks.values() if t.silo is None and t.state in ("queued", "assigned"))
+        return max(1, min(max_tasks, math.ceil(open_tasks / peers)))
+
+    def _steal(self) -> str | None:
+        """Take the last task of the worker of simulated clients that holds the most (at least STEAL_FROM)."""
+        donor = max((x for x in self.workers.values() if x.silo is None and len(x.held) >= STEAL_FROM),
+                    key=lambda x: len(x.held), default=None)
+        if donor is None:
+            return None
+        tid = donor.held.pop()
+        donor.revoked.add(tid)
+        return tid
 
     def _give_up(self, w: WorkerInfo) -> None:
-        if w.task_id is not None:
-            held = self.tasks.get(w.task_id)
-            if held is not None and held.state == "assigned" and held.worker_id == w.worker_id:
-                held.state, held.worker_id = "queued", None
-                self.queue.append(held.task_id)
-                self._changed()
-            w.task_id = None
+        back = [tid for tid in w.held if self.holds(w, tid)]
+        for tid in back:
+            self.tasks[tid].state, self.tasks[tid].worker_id = "queued", None
+        self.queue.extend(back)
+        w.held.clear()
+        if back:
+            self._changed()
 
     def holds(self, w: WorkerInfo, task_id: str) -> bool:
         """Whether `task_id` is assigned to `w` now (a heartbeat's task_valid)."""
@@ -126,8 +176,8 @@ class TaskBook:
     def accept(self, task: Task, w: WorkerInfo) -> None:
         """`w`'s update for `task` was taken into the round."""
         task.state = "done"
-        if w.task_id == task.task_id:
-            w.task_id = None
+        if task.task_id in w.held:
+            w.held.remove(task.task_id)
 
     def retry(self, task: Task, lease: int | None = None) -> bool:
         """A rejected update: queue the task again, or drop it after MAX_TASK_ATTEMPTS. Only the lease the
@@ -135,6 +185,9 @@ class TaskBook:
         same_lease = lease is None or lease == task.leases
         if not (same_lease and task.state == "assigned" and self.is_current(task)):
             return False
+        holder = self.workers.get(task.worker_id or "")
+        if holder is not None and task.task_id in holder.held:
+            holder.held.remove(task.task_id)
         task.attempts += 1
         if task.attempts >= MAX_TASK_ATTEMPTS:
             task.state = "dropped"
@@ -150,16 +203,17 @@ class TaskBook:
         self.workers[w.worker_id] = w
 
     def drop_worker(self, wid: str) -> WorkerInfo | None:
-        """Forget a worker; the task it held goes to the front of the queue."""
+        """Forget a worker; the tasks it held go to the front of the queue, in their order."""
         w = self.workers.pop(wid, None)
         if w is None:
             return None
-        if w.task_id:
-            t = self.tasks.get(w.task_id)
-            if t is not None and t.state == "assigned" and t.worker_id == wid:
-                t.state, t.worker_id = "queued", None
-                self.queue.appendleft(t.task_id)
-                self._changed()
+        back = [tid for tid in w.held if self.holds(w, tid)]
+        for tid in back:
+            self.tasks[tid].state, self.tasks[tid].worker_id = "queued", None
+        self.queue.extendleft(reversed(back))
+        w.held.clear()
+        if back:
+            self._changed()
         return w
 
     def dead_workers(self, now: float, dead_after: float) -> list[str]:
@@ -183,9 +237,10 @@ class Dispatcher:
     def wake(self) -> None:
         self.ready.notify_all()
 
-    def next_task(self, w: WorkerInfo, wait: float) -> Task | str:
-        """Assign the next task this worker may take; 'stop' when the federation is over, 'gone' when the
-        worker was dropped, 'none' when nothing came within `wait` seconds (at most MAX_WAIT_SECONDS)."""
+    def next_tasks(self, w: WorkerInfo, wait: float, max_tasks: int = 1) -> list[Task] | str:
+        """Assign the next batch this worker may take (TaskBook.take); 'stop' when the federation is over,
+        'gone' when the worker was dropped, 'none' when nothing came within `wait` seconds (at most
+        MAX_WAIT_SECONDS)."""
         deadline = time.monotonic() + max(0.0, min(wait, MAX_WAIT_SECONDS))
         with self.ready:
             while True:
@@ -194,9 +249,9 @@ class Dispatcher:
                     return "stop"
                 if w.worker_id not in self.book.workers:
                     return "gone"
-                task = self.book.take(w)
-                if task is not None:
-                    return task
+                tasks = self.book.take(w, max_tasks)
+                if tasks:
+                    return tasks
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return "none"

@@ -199,7 +199,7 @@ class FederationServer:
                                {d: self.metrics.compression_ratio.labels(**lv, direction=d) for d in DIRECTIONS})
         self._series: set[str] = set()  # simulated clients with their own anomaly-score series
         # task queue and leases (scheduler.py); every call into them holds the lock
-        self.book = TaskBook(on_pending=self._m["pending_tasks"].set)
+        self.book = TaskBook(on_pending=self._m["pending_tasks"].set, expected_workers=self.spec.clients.workers)
         self.dispatch = Dispatcher(self.book, lock, self._over, self.dead_after)
         self._m["round"].set(self.completed)
         if self.history:
@@ -666,9 +666,9 @@ class FederationServer:
         log.info("worker %s joined as %s%s", w.name, wid, f" (silo {silo})" if silo else "")
         return w
 
-    def next_task(self, w: WorkerInfo, wait: float) -> Task | str:
-        """Assign the next task this worker may take; 'stop' when the federation is over, 'none' if idle."""
-        return self.dispatch.next_task(w, wait)
+    def next_tasks(self, w: WorkerInfo, wait: float, max_tasks: int = 1) -> list[Task] | str:
+        """Assign the next batch this worker may take; 'stop' when the federation is over, 'none' if idle."""
+        return self.dispatch.next_tasks(w, wait, max_tasks)
 
     def reject(self, reason: str, detail: str, task: Task | None = None, late: bool = False,
                lease: int | None = None) -> pb.SubmitReply:
@@ -733,6 +733,10 @@ class FederationServer:
                 return self.reject("wrong_round", f"update says round {h.round}, task is for round {task.round}",
                                    task)
             if task.worker_id != w.worker_id or task.state != "assigned":
+                if h.task_id in w.revoked:  # moved to an idle worker (scheduler.TaskBook): not an error
+                    self.metrics.updates.labels(**self._lv, outcome="late").inc()
+                    return pb.SubmitReply(accepted=False, reason="reassigned", revoked=sorted(w.revoked),
+                                          detail=f"task {h.task_id!r} was given to an idle worker")
                 if task.state == "done":
                     return self.reject("duplicate", f"task {h.task_id!r} was already submitted and accepted: "
                                        "this update is a replay and was ignored")
@@ -770,7 +774,8 @@ class FederationServer:
                 s["lastUpdateTime"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
             self.metrics.updates.labels(**self._lv, outcome="accepted").inc()
             self._cond.notify_all()
-        return pb.SubmitReply(accepted=True)
+            revoked = sorted(w.revoked)
+        return pb.SubmitReply(accepted=True, revoked=revoked)
 
     def receive_update(self, h: pb.UpdateHeader, messages: Iterator[bytes], base: Params) -> Params:
         """Assemble and check an update's chunks, then, for a compressed one, decode and check it against
@@ -797,7 +802,7 @@ class FederationServer:
                 return pb.HeartbeatReply(known=False, task_valid=False)
             w.last_seen = time.monotonic()
             valid = bool(req.task_id) and self.book.holds(w, req.task_id)
-            return pb.HeartbeatReply(known=True, task_valid=valid)
+            return pb.HeartbeatReply(known=True, task_valid=valid, revoked=sorted(w.revoked))
 
     def leave(self, req: pb.LeaveRequest) -> None:
         with self._cond:
@@ -828,7 +833,7 @@ class _Servicer(pb_grpc.FederatorServicer):
         if w is None:
             context.abort(grpc.StatusCode.NOT_FOUND, "unknown worker or wrong token: join again")
         assert w is not None
-        got = s.next_task(w, request.wait_seconds)
+        got = s.next_tasks(w, request.wait_seconds, request.max_tasks)
         if got == "gone":
             context.abort(grpc.StatusCode.NOT_FOUND, "this worker was dropped: join again")
         if isinstance(got, str):
@@ -840,11 +845,12 @@ class _Servicer(pb_grpc.FederatorServicer):
         with s._cond:
             offer, version = s.downlink.offer(request.have_version), s.version
         enc = offer.encoded
+        first, more = got[0], [pb.BatchTask(task_id=t.task_id, client_id=t.client_id) for t in got[1:]]
         header = pb.TaskMessage(header=pb.TaskHeader(
-            kind=pb.TaskHeader.TRAIN, task_id=got.task_id, round=got.round, client_id=got.client_id,
+            kind=pb.TaskHeader.TRAIN, task_id=first.task_id, round=first.round, client_id=first.client_id,
             version=version, weights_included=enc is not None, tensors=list(enc.specs) if enc else [],
             total_bytes=enc.total_bytes if enc else 0, compressed=offer.compressed, delta_base=offer.delta_base,
-            normalization=s._norm_pb,
+            normalization=s._norm_pb, more=more,
         ))
         wire = header.ByteSize()
         yield header

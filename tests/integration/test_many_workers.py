@@ -60,7 +60,7 @@ def test_a_worker_parked_in_get_task_is_not_reaped_for_missing_heartbeats(tmp_pa
         with server._cond:  # neither has been heard of for longer than the server allows
             for w in server.workers.values():
                 w.last_seen = time.monotonic() - server.dead_after - 1.0
-            server._next_reap = 0.0
+            server.dispatch._next_reap = 0.0
             server._reap_dead_workers()
             known = set(server.workers)
             parked = server.long_polls

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'federator/runtime/proto/federator.proto\x12\x0c\x66\x65\x64\x65rator.v1\"g\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x0e\n\x06nbytes\x18\x05 \x01(\x04\x12\r\n\x05\x63rc32\x18\x06 \x01(\r\"4\n\x05\x43hunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\r\n\x05\x63rc32\x18\x03 \x01(\r\"\x88\x01\n\x0bJoinRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x13\n\x0bworker_name\x18\x02 \x01(\t\x12\x0c\n\x04silo\x18\x03 \x01(\t\x12\x14\n\x0csilo_samples\x18\x04 \x01(\x04\x12\x31\n\rfeature_stats\x18\x05 \x01(\x0b\x32\x1a.federator.v1.FeatureStats\"\x8c\x01\n\tJoinReply\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x19\n\x11heartbeat_seconds\x18\x02 \x01(\r\x12\x12\n\nfederation\x18\x03 \x01(\t\x12\x13\n\x0b\x63hunk_bytes\x18\x04 \x01(\r\x12\x13\n\x0binput_shape\x18\x05 \x03(\x03\x12\x13\n\x0bnum_classes\x18\x06 \x01(\r\"[\n\x0bTaskRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x14\n\x0chave_version\x18\x03 \x01(\x04\x12\x14\n\x0cwait_seconds\x18\x04 \x01(\x01\"\xff\x02\n\nTaskHeader\x12+\n\x04kind\x18\x01 \x01(\x0e\x32\x1d.federator.v1.TaskHeader.Kind\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\r\x12\x11\n\tclient_id\x18\x04 \x01(\t\x12\x0f\n\x07version\x18\x05 \x01(\x04\x12\x18\n\x10weights_included\x18\x06 \x01(\x08\x12)\n\x07tensors\x18\x07 \x03(\x0b\x32\x18.federator.v1.TensorSpec\x12\x13\n\x0btotal_bytes\x18\x08 \x01(\x04\x12\x13\n\x0b\x63onfig_json\x18\t \x01(\t\x12\x0e\n\x06reason\x18\n \x01(\t\x12\x12\n\ncompressed\x18\x0b \x01(\x08\x12\x12\n\ndelta_base\x18\x0c \x01(\x04\x12\x32\n\rnormalization\x18\x14 \x01(\x0b\x32\x1b.federator.v1.Normalization\"%\n\x04Kind\x12\x08\n\x04NONE\x10\x00\x12\t\n\x05TRAIN\x10\x01\x12\x08\n\x04STOP\x10\x02\"g\n\x0bTaskMessage\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.federator.v1.TaskHeaderH\x00\x12$\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x13.federator.v1.ChunkH\x00\x42\x06\n\x04\x62ody\"\x8d\x02\n\x0cUpdateHeader\x12\r\n\x05token\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x0f\n\x07task_id\x18\x03 \x01(\t\x12\r\n\x05round\x18\x04 \x01(\r\x12\x11\n\tclient_id\x18\x05 \x01(\t\x12\x14\n\x0c\x62\x61se_version\x18\x06 \x01(\x04\x12\x13\n\x0bnum_samples\x18\x07 \x01(\x04\x12\x12\n\ntrain_loss\x18\x08 \x01(\x01\x12\x15\n\rtrain_seconds\x18\t \x01(\x01\x12)\n\x07tensors\x18\n \x03(\x0b\x32\x18.federator.v1.TensorSpec\x12\x13\n\x0btotal_bytes\x18\x0b \x01(\x04\x12\x12\n\ncompressed\x18\x0c \x01(\x08\"k\n\rUpdateMessage\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.federator.v1.UpdateHeaderH\x00\x12$\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x13.federator.v1.ChunkH\x00\x42\x06\n\x04\x62ody\"?\n\x0bSubmitReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\"E\n\x10HeartbeatRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x0f\n\x07task_id\x18\x03 \x01(\t\"3\n\x0eHeartbeatReply\x12\r\n\x05known\x18\x01 \x01(\x08\x12\x12\n\ntask_valid\x18\x02 \x01(\x08\"h\n\x0c\x46\x65\x61tureStats\x12\r\n\x05\x63ount\x18\x01 \x01(\x04\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0b\n\x03sum\x18\x03 \x03(\x01\x12\x13\n\x0bsum_squares\x18\x04 \x03(\x01\x12\x0b\n\x03min\x18\x05 \x03(\x01\x12\x0b\n\x03max\x18\x06 \x03(\x01\"J\n\rNormalization\x12\x0c\n\x04mode\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05shift\x18\x03 \x03(\x02\x12\r\n\x05scale\x18\x04 \x03(\x02\"0\n\x0cLeaveRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\"\x0c\n\nLeaveReply2\xde\x02\n\tFederator\x12:\n\x04Join\x12\x19.federator.v1.JoinRequest\x1a\x17.federator.v1.JoinReply\x12\x41\n\x07GetTask\x12\x19.federator.v1.TaskRequest\x1a\x19.federator.v1.TaskMessage0\x01\x12H\n\x0cSubmitUpdate\x12\x1b.federator.v1.UpdateMessage\x1a\x19.federator.v1.SubmitReply(\x01\x12I\n\tHeartbeat\x12\x1e.federator.v1.HeartbeatRequest\x1a\x1c.federator.v1.HeartbeatReply\x12=\n\x05Leave\x12\x1a.federator.v1.LeaveRequest\x1a\x18.federator.v1.LeaveReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'federator/runtime/proto/federator.proto\x12\x0c\x66\x65\x64\x65rator.v1\"g\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x0e\n\x06nbytes\x18\x05 \x01(\x04\x12\r\n\x05\x63rc32\x18\x06 \x01(\r\"4\n\x05\x43hunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\r\n\x05\x63rc32\x18\x03 \x01(\r\"\x88\x01\n\x0bJoinRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x13\n\x0bworker_name\x18\x02 \x01(\t\x12\x0c\n\x04silo\x18\x03 \x01(\t\x12\x14\n\x0csilo_samples\x18\x04 \x01(\x04\x12\x31\n\rfeature_stats\x18\x05 \x01(\x0b\x32\x1a.federator.v1.FeatureStats\"\x8c\x01\n\tJoinReply\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x19\n\x11heartbeat_seconds\x18\x02 \x01(\r\x12\x12\n\nfederation\x18\x03 \x01(\t\x12\x13\n\x0b\x63hunk_bytes\x18\x04 \x01(\r\x12\x13\n\x0binput_shape\x18\x05 \x03(\x03\x12\x13\n\x0bnum_classes\x18\x06 \x01(\r\"n\n\x0bTaskRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x14\n\x0chave_version\x18\x03 \x01(\x04\x12\x14\n\x0cwait_seconds\x18\x04 \x01(\x01\x12\x11\n\tmax_tasks\x18\x05 \x01(\r\"/\n\tBatchTask\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x11\n\tclient_id\x18\x02 \x01(\t\"\xa6\x03\n\nTaskHeader\x12+\n\x04kind\x18\x01 \x01(\x0e\x32\x1d.federator.v1.TaskHeader.Kind\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\r\x12\x11\n\tclient_id\x18\x04 \x01(\t\x12\x0f\n\x07version\x18\x05 \x01(\x04\x12\x18\n\x10weights_included\x18\x06 \x01(\x08\x12)\n\x07tensors\x18\x07 \x03(\x0b\x32\x18.federator.v1.TensorSpec\x12\x13\n\x0btotal_bytes\x18\x08 \x01(\x04\x12\x13\n\x0b\x63onfig_json\x18\t \x01(\t\x12\x0e\n\x06reason\x18\n \x01(\t\x12\x12\n\ncompressed\x18\x0b \x01(\x08\x12\x12\n\ndelta_base\x18\x0c \x01(\x04\x12\x32\n\rnormalization\x18\x14 \x01(\x0b\x32\x1b.federator.v1.Normalization\x12%\n\x04more\x18\x15 \x03(\x0b\x32\x17.federator.v1.BatchTask\"%\n\x04Kind\x12\x08\n\x04NONE\x10\x00\x12\t\n\x05TRAIN\x10\x01\x12\x08\n\x04STOP\x10\x02\"g\n\x0bTaskMessage\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.federator.v1.TaskHeaderH\x00\x12$\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x13.federator.v1.ChunkH\x00\x42\x06\n\x04\x62ody\"\x8d\x02\n\x0cUpdateHeader\x12\r\n\x05token\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x0f\n\x07task_id\x18\x03 \x01(\t\x12\r\n\x05round\x18\x04 \x01(\r\x12\x11\n\tclient_id\x18\x05 \x01(\t\x12\x14\n\x0c\x62\x61se_version\x18\x06 \x01(\x04\x12\x13\n\x0bnum_samples\x18\x07 \x01(\x04\x12\x12\n\ntrain_loss\x18\x08 \x01(\x01\x12\x15\n\rtrain_seconds\x18\t \x01(\x01\x12)\n\x07tensors\x18\n \x03(\x0b\x32\x18.federator.v1.TensorSpec\x12\x13\n\x0btotal_bytes\x18\x0b \x01(\x04\x12\x12\n\ncompressed\x18\x0c \x01(\x08\"k\n\rUpdateMessage\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.federator.v1.UpdateHeaderH\x00\x12$\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x13.federator.v1.ChunkH\x00\x42\x06\n\x04\x62ody\"P\n\x0bSubmitReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\x12\x0f\n\x07revoked\x18\x04 \x03(\t\"E\n\x10HeartbeatRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x0f\n\x07task_id\x18\x03 \x01(\t\"D\n\x0eHeartbeatReply\x12\r\n\x05known\x18\x01 \x01(\x08\x12\x12\n\ntask_valid\x18\x02 \x01(\x08\x12\x0f\n\x07revoked\x18\x03 \x03(\t\"h\n\x0c\x46\x65\x61tureStats\x12\r\n\x05\x63ount\x18\x01 \x01(\x04\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0b\n\x03sum\x18\x03 \x03(\x01\x12\x13\n\x0bsum_squares\x18\x04 \x03(\x01\x12\x0b\n\x03min\x18\x05 \x03(\x01\x12\x0b\n\x03max\x18\x06 \x03(\x01\"J\n\rNormalization\x12\x0c\n\x04mode\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05shift\x18\x03 \x03(\x02\x12\r\n\x05scale\x18\x04 \x03(\x02\"0\n\x0cLeaveRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\"\x0c\n\nLeaveReply2\xde\x02\n\tFederator\x12:\n\x04Join\x12\x19.federator.v1.JoinRequest\x1a\x17.federator.v1.JoinReply\x12\x41\n\x07GetTask\x12\x19.federator.v1.TaskRequest\x1a\x19.federator.v1.TaskMessage0\x01\x12H\n\x0cSubmitUpdate\x12\x1b.federator.v1.UpdateMessage\x1a\x19.federator.v1.SubmitReply(\x01\x12I\n\tHeartbeat\x12\x1e.federator.v1.HeartbeatRequest\x1a\x1c.federator.v1.HeartbeatReply\x12=\n\x05Leave\x12\x1a.federator.v1.LeaveRequest\x1a\x18.federator.v1.LeaveReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,31 +40,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_JOINREPLY']._serialized_start=356
   _globals['_JOINREPLY']._serialized_end=496
   _globals['_TASKREQUEST']._serialized_start=498
-  _globals['_TASKREQUEST']._serialized_end=589
-  _globals['_TASKHEADER']._serialized_start=592
-  _globals['_TASKHEADER']._serialized_end=975
-  _globals['_TASKHEADER_KIND']._serialized_start=938
-  _globals['_TASKHEADER_KIND']._serialized_end=975
-  _globals['_TASKMESSAGE']._serialized_start=977
-  _globals['_TASKMESSAGE']._serialized_end=1080
-  _globals['_UPDATEHEADER']._serialized_start=1083
-  _globals['_UPDATEHEADER']._serialized_end=1352
-  _globals['_UPDATEMESSAGE']._serialized_start=1354
-  _globals['_UPDATEMESSAGE']._serialized_end=1461
-  _globals['_SUBMITREPLY']._serialized_start=1463
-  _globals['_SUBMITREPLY']._serialized_end=1526
-  _globals['_HEARTBEATREQUEST']._serialized_start=1528
-  _globals['_HEARTBEATREQUEST']._serialized_end=1597
-  _globals['_HEARTBEATREPLY']._serialized_start=1599
-  _globals['_HEARTBEATREPLY']._serialized_end=1650
-  _globals['_FEATURESTATS']._serialized_start=1652
-  _globals['_FEATURESTATS']._serialized_end=1756
-  _globals['_NORMALIZATION']._serialized_start=1758
-  _globals['_NORMALIZATION']._serialized_end=1832
-  _globals['_LEAVEREQUEST']._serialized_start=1834
-  _globals['_LEAVEREQUEST']._serialized_end=1882
-  _globals['_LEAVEREPLY']._serialized_start=1884
-  _globals['_LEAVEREPLY']._serialized_end=1896
-  _globals['_FEDERATOR']._serialized_start=1899
-  _globals['_FEDERATOR']._serialized_end=2249
+  _globals['_TASKREQUEST']._serialized_end=608
+  _globals['_BATCHTASK']._serialized_start=610
+  _globals['_BATCHTASK']._serialized_end=657
+  _globals['_TASKHEADER']._serialized_start=660
+  _globals['_TASKHEADER']._serialized_end=1082
+  _globals['_TASKHEADER_KIND']._serialized_start=1045
+  _globals['_TASKHEADER_KIND']._serialized_end=1082
+  _globals['_TASKMESSAGE']._serialized_start=1084
+  _globals['_TASKMESSAGE']._serialized_end=1187
+  _globals['_UPDATEHEADER']._serialized_start=1190
+  _globals['_UPDATEHEADER']._serialized_end=1459
+  _globals['_UPDATEMESSAGE']._serialized_start=1461
+  _globals['_UPDATEMESSAGE']._serialized_end=1568
+  _globals['_SUBMITREPLY']._serialized_start=1570
+  _globals['_SUBMITREPLY']._serialized_end=1650
+  _globals['_HEARTBEATREQUEST']._serialized_start=1652
+  _globals['_HEARTBEATREQUEST']._serialized_end=1721
+  _globals['_HEARTBEATREPLY']._serialized_start=1723
+  _globals['_HEARTBEATREPLY']._serialized_end=1791
+  _globals['_FEATURESTATS']._serialized_start=1793
+  _globals['_FEATURESTATS']._serialized_end=1897
+  _globals['_NORMALIZATION']._serialized_start=1899
+  _globals['_NORMALIZATION']._serialized_end=1973
+  _globals['_LEAVEREQUEST']._serialized_start=1975
+  _globals['_LEAVEREQUEST']._serialized_end=2023
+  _globals['_LEAVEREPLY']._serialized_start=2025
+  _globals['_LEAVEREPLY']._serialized_end=2037
+  _globals['_FEDERATOR']._serialized_start=2040
+  _globals['_FEDERATOR']._serialized_end=2390
 # @@protoc_insertion_point(module_scope)

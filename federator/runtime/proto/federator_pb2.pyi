@@ -64,19 +64,29 @@ class JoinReply(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., heartbeat_seconds: _Optional[int] = ..., federation: _Optional[str] = ..., chunk_bytes: _Optional[int] = ..., input_shape: _Optional[_Iterable[int]] = ..., num_classes: _Optional[int] = ...) -> None: ...
 
 class TaskRequest(_message.Message):
-    __slots__ = ("token", "worker_id", "have_version", "wait_seconds")
+    __slots__ = ("token", "worker_id", "have_version", "wait_seconds", "max_tasks")
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     HAVE_VERSION_FIELD_NUMBER: _ClassVar[int]
     WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_TASKS_FIELD_NUMBER: _ClassVar[int]
     token: str
     worker_id: str
     have_version: int
     wait_seconds: float
-    def __init__(self, token: _Optional[str] = ..., worker_id: _Optional[str] = ..., have_version: _Optional[int] = ..., wait_seconds: _Optional[float] = ...) -> None: ...
+    max_tasks: int
+    def __init__(self, token: _Optional[str] = ..., worker_id: _Optional[str] = ..., have_version: _Optional[int] = ..., wait_seconds: _Optional[float] = ..., max_tasks: _Optional[int] = ...) -> None: ...
+
+class BatchTask(_message.Message):
+    __slots__ = ("task_id", "client_id")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    client_id: str
+    def __init__(self, task_id: _Optional[str] = ..., client_id: _Optional[str] = ...) -> None: ...
 
 class TaskHeader(_message.Message):
-    __slots__ = ("kind", "task_id", "round", "client_id", "version", "weights_included", "tensors", "total_bytes", "config_json", "reason", "compressed", "delta_base", "normalization")
+    __slots__ = ("kind", "task_id", "round", "client_id", "version", "weights_included", "tensors", "total_bytes", "config_json", "reason", "compressed", "delta_base", "normalization", "more")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         NONE: _ClassVar[TaskHeader.Kind]
@@ -98,6 +108,7 @@ class TaskHeader(_message.Message):
     COMPRESSED_FIELD_NUMBER: _ClassVar[int]
     DELTA_BASE_FIELD_NUMBER: _ClassVar[int]
     NORMALIZATION_FIELD_NUMBER: _ClassVar[int]
+    MORE_FIELD_NUMBER: _ClassVar[int]
     kind: TaskHeader.Kind
     task_id: str
     round: int
@@ -111,7 +122,8 @@ class TaskHeader(_message.Message):
     compressed: bool
     delta_base: int
     normalization: Normalization
-    def __init__(self, kind: _Optional[_Union[TaskHeader.Kind, str]] = ..., task_id: _Optional[str] = ..., round: _Optional[int] = ..., client_id: _Optional[str] = ..., version: _Optional[int] = ..., weights_included: _Optional[bool] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., total_bytes: _Optional[int] = ..., config_json: _Optional[str] = ..., reason: _Optional[str] = ..., compressed: _Optional[bool] = ..., delta_base: _Optional[int] = ..., normalization: _Optional[_Union[Normalization, _Mapping]] = ...) -> None: ...
+    more: _containers.RepeatedCompositeFieldContainer[BatchTask]
+    def __init__(self, kind: _Optional[_Union[TaskHeader.Kind, str]] = ..., task_id: _Optional[str] = ..., round: _Optional[int] = ..., client_id: _Optional[str] = ..., version: _Optional[int] = ..., weights_included: _Optional[bool] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., total_bytes: _Optional[int] = ..., config_json: _Optional[str] = ..., reason: _Optional[str] = ..., compressed: _Optional[bool] = ..., delta_base: _Optional[int] = ..., normalization: _Optional[_Union[Normalization, _Mapping]] = ..., more: _Optional[_Iterable[_Union[BatchTask, _Mapping]]] = ...) -> None: ...
 
 class TaskMessage(_message.Message):
     __slots__ = ("header", "chunk")
@@ -158,14 +170,16 @@ class UpdateMessage(_message.Message):
     def __init__(self, header: _Optional[_Union[UpdateHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
 
 class SubmitReply(_message.Message):
-    __slots__ = ("accepted", "reason", "detail")
+    __slots__ = ("accepted", "reason", "detail", "revoked")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     DETAIL_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_FIELD_NUMBER: _ClassVar[int]
     accepted: bool
     reason: str
     detail: str
-    def __init__(self, accepted: _Optional[bool] = ..., reason: _Optional[str] = ..., detail: _Optional[str] = ...) -> None: ...
+    revoked: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, accepted: _Optional[bool] = ..., reason: _Optional[str] = ..., detail: _Optional[str] = ..., revoked: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("token", "worker_id", "task_id")
@@ -178,12 +192,14 @@ class HeartbeatRequest(_message.Message):
     def __init__(self, token: _Optional[str] = ..., worker_id: _Optional[str] = ..., task_id: _Optional[str] = ...) -> None: ...
 
 class HeartbeatReply(_message.Message):
-    __slots__ = ("known", "task_valid")
+    __slots__ = ("known", "task_valid", "revoked")
     KNOWN_FIELD_NUMBER: _ClassVar[int]
     TASK_VALID_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_FIELD_NUMBER: _ClassVar[int]
     known: bool
     task_valid: bool
-    def __init__(self, known: _Optional[bool] = ..., task_valid: _Optional[bool] = ...) -> None: ...
+    revoked: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, known: _Optional[bool] = ..., task_valid: _Optional[bool] = ..., revoked: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class FeatureStats(_message.Message):
     __slots__ = ("count", "shape", "sum", "sum_squares", "min", "max")

@@ -72,8 +72,9 @@ class FederatorServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetTask(self, request, context):
-        """Long-poll for the next training task; the global weights (unless the worker already has them for
-        this model version) follow the header as chunks.
+        """Long-poll for the next training tasks: one, or with max_tasks > 1 a batch of the same round (the
+        header's `more`); the global weights (unless the worker already has them for this model version)
+        follow the header as chunks, once for the whole batch. Asking again gives up every task still held.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
